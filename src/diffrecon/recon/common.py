@@ -1,0 +1,152 @@
+"""Small pieces shared by every solver: Tweedie step, DDIM renoising, batched conjugate
+gradients, per-row random streams, ESS and systematic resampling.
+
+All inner products are real and per batch row (sum over every non-batch dimension), so a
+complex image stored as two real channels gets the Hermitian-correct inner product for free.
+Nothing here synchronises with the host: loops have fixed length, and stopping tolerances
+are applied by masking, never by ``.item()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def bdot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-row real inner product <a, b>; (B, ...) x (B, ...) -> (B,)."""
+    return (a * b).flatten(1).sum(1)
+
+
+def bview(v: Tensor, x: Tensor) -> Tensor:
+    """(B,) -> broadcastable against x (B, ...)."""
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def tweedie(prior, z: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """One denoiser call: x0_hat = D(z, sigma) and eps_hat = (z - x0_hat) / sigma.
+
+    ``sigma`` is a scalar tensor (the step's noise level); returns tensors in z's dtype.
+    """
+    x0 = prior.denoise(z, sigma.to(z.dtype).expand(z.shape[0]))
+    eps = (z - x0) / sigma.to(z.dtype)
+    return x0, eps
+
+
+def ddim_fresh_fraction(eta: float, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """Fraction of fresh-noise variance in the DDIM step sigma -> sigma_next.
+
+    Standard DDIM (Song et al. 2021, eq. 16) with parameter eta, written in sigma-space
+    (z = x_t / a_t, sigma = s_t / a_t), gives variance eta^2 sigma_next^2 (1 - sigma_next^2 /
+    sigma^2), i.e. the fraction eta^2 (1 - sigma_next^2 / sigma^2) whatever the VP/VE
+    schedule. eta = 1 is the DDPM ancestral step; eta = 0 is deterministic DDIM.
+    """
+    return (eta ** 2 * (1 - (sigma_next / sigma) ** 2)).clamp(0.0, 1.0)
+
+
+def renoise(x0: Tensor, eps: Tensor, sigma_next: Tensor, fresh_fraction: Tensor,
+            noise: Tensor) -> Tensor:
+    """z_next = x0 + sigma_next (sqrt(f) xi + sqrt(1 - f) eps_hat), f the fresh fraction.
+
+    f = ddim_fresh_fraction(eta, ...) is standard DDIM; f = c^2 with a constant c is the
+    DDS reference code's convention (its "eta" is c).
+    """
+    f = fresh_fraction.to(x0.dtype)
+    return x0 + sigma_next.to(x0.dtype) * (f.sqrt() * noise + (1 - f).sqrt() * eps)
+
+
+def cg(apply_A: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None = None,
+       iters: int = 5, tol: float = 0.0) -> Tensor:
+    """Conjugate gradients for a batch of SPD systems A x = b (one system per row).
+
+    ``apply_A`` maps (B, ...) -> (B, ...) and must be symmetric positive (semi-)definite in
+    the real inner product. Runs exactly ``iters`` iterations (no host sync); rows whose
+    residual norm falls below ``tol * ||b||`` are frozen by masking. Started at ``x0``
+    (zeros if None), so early stopping keeps x in x0 + Krylov(A, b - A x0).
+    """
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - apply_A(x) if x0 is not None else b.clone()
+    p = r.clone()
+    rs = bdot(r, r)
+    thresh = (tol ** 2) * bdot(b, b)
+    tiny = torch.finfo(b.dtype).tiny
+    for _ in range(iters):
+        Ap = apply_A(p)
+        pAp = bdot(p, Ap)
+        active = (rs > thresh) & (pAp > tiny)
+        alpha = torch.where(active, rs / torch.where(active, pAp, torch.ones_like(pAp)),
+                            torch.zeros_like(rs))
+        x = x + bview(alpha, x) * p
+        r = r - bview(alpha, r) * Ap
+        rs_new = bdot(r, r)
+        beta = torch.where(active, rs_new / torch.where(active, rs, torch.ones_like(rs)),
+                           torch.zeros_like(rs))
+        p = r + bview(beta, p) * p
+        rs = torch.where(active, rs_new, rs)
+    return x
+
+
+def effective_sample_size(log_weights: Tensor, dim: int = 0) -> Tensor:
+    """ESS = (sum w)^2 / sum w^2 computed in log space along ``dim``."""
+    lw = log_weights.to(torch.float64)
+    return torch.exp(2 * torch.logsumexp(lw, dim) - torch.logsumexp(2 * lw, dim))
+
+
+def systematic_resample(log_weights: Tensor, uniform: Tensor) -> Tensor:
+    """Systematic resampling: ancestor indices (N,) for normalised or unnormalised
+    log-weights (N,), from one U(0, 1) draw ``uniform`` (scalar tensor).
+
+    Each particle i is copied floor(N w_i) or ceil(N w_i) times (unbiased, lowest variance
+    of the standard schemes; Douc & Cappe 2005).
+    """
+    n = log_weights.shape[0]
+    w = torch.softmax(log_weights.to(torch.float64), 0)
+    cdf = torch.cumsum(w, 0)
+    cdf[-1] = 1.0
+    positions = (uniform.to(torch.float64) + torch.arange(n, dtype=torch.float64,
+                                                          device=w.device)) / n
+    return torch.searchsorted(cdf, positions).clamp_(max=n - 1)
+
+
+def _row_seed(entropy: Sequence[int]) -> int:
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def make_generators(entropies: Sequence[Sequence[int]], device: torch.device | str) -> list[
+        torch.Generator]:
+    """One torch.Generator per row, seeded from an integer entropy tuple (e.g. (seed, b, i)),
+    so row i draws the same numbers whatever batch or chunk it runs in."""
+    gens = []
+    for ent in entropies:
+        g = torch.Generator(device=device)
+        g.manual_seed(_row_seed(ent))
+        gens.append(g)
+    return gens
+
+
+class RowNoise:
+    """Per-row random streams: ``randn(shape)`` returns (R, *shape) with row r drawn from
+    generator r only."""
+
+    def __init__(self, generators: Sequence[torch.Generator], dtype: torch.dtype,
+                 device: torch.device | str):
+        self.generators = list(generators)
+        self.dtype = dtype
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, *shape: int) -> Tensor:
+        return torch.stack([torch.randn(shape, generator=g, dtype=self.dtype, device=self.device)
+                            for g in self.generators])
+
+    def rand(self, *shape: int) -> Tensor:
+        return torch.stack([torch.rand(shape, generator=g, dtype=self.dtype, device=self.device)
+                            for g in self.generators])
+
+    def subset(self, rows: slice) -> RowNoise:
+        return RowNoise(self.generators[rows], self.dtype, self.device)
