@@ -1,0 +1,289 @@
+"""HDF5 plumbing shared by the scan layouts: checked opening, validated dataset reads,
+atomic writes, modality detection, checksums, and the result-file layout.
+
+Result files (written by the pipeline, readable with plain h5py)::
+
+    reconstruction          float32 (slices, H, W) or (slices, C, H, W)  posterior mean
+    std                     float32, same shape      pointwise posterior standard deviation
+    samples                 float32 (slices, n_samples, ...)   optional posterior draws
+    reconstruction_complex  complex64 (slices, H, W)  optional complex mean (MRI)
+    attrs                   provenance: str / int / float / bool / numeric arrays; nested
+                            dicts, None and mixed lists are stored as JSON strings
+
+Every writer goes through :func:`atomic_h5`: the file is written to ``<path>.tmp-<pid>`` in
+the same directory, flushed and fsynced, then renamed over ``path`` with ``os.replace``; on
+an exception the temporary file is deleted, so a reader never sees a partial file. No
+timestamps are stored (h5py ``track_times`` is off), so identical content gives
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from diffrecon.errors import InputError
+
+_KIND_NAMES = {"c": "complex", "f": "real floating-point", "b": "boolean", "i": "integer",
+               "u": "integer"}
+
+
+# --------------------------------------------------------------------------- opening / writing
+
+def open_h5_checked(path: str | os.PathLike) -> h5py.File:
+    """Open ``path`` read-only; a missing, non-HDF5 or corrupt file raises ``InputError``."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, expected an HDF5 file")
+    try:
+        is_hdf5 = h5py.is_hdf5(p)
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read file ({exc})") from exc
+    if not is_hdf5:
+        raise InputError(f"{p}: not an HDF5 file")
+    try:
+        return h5py.File(p, "r")
+    except OSError as exc:
+        raise InputError(f"{p}: truncated or corrupt HDF5 file") from exc
+
+
+@contextlib.contextmanager
+def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """Context manager yielding a writable ``h5py.File`` that appears at ``path`` only on
+    success (temporary ``<path>.tmp-<pid>`` in the same directory, fsync, ``os.replace``)."""
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        raise InputError(f"{p}: output directory {p.parent} does not exist")
+    tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
+    f = h5py.File(tmp, "w", track_order=False)
+    try:
+        yield f
+        f.flush()
+        f.close()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
+        dfd = os.open(p.parent if str(p.parent) else ".", os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of the file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def detect_modality(path: str | os.PathLike) -> str:
+    """'mri' (has ``kspace``), 'ct' (``sinogram``), 'image' (``measurement``) or 'result'
+    (``reconstruction``); anything else raises ``InputError``."""
+    with open_h5_checked(path) as f:
+        keys = set(f.keys())
+    for key, modality in (("reconstruction", "result"), ("kspace", "mri"),
+                          ("sinogram", "ct"), ("measurement", "image")):
+        if key in keys:
+            return modality
+    found = ", ".join(sorted(keys)) or "none"
+    raise InputError(f"{path}: no dataset 'kspace', 'sinogram', 'measurement' or "
+                     f"'reconstruction' (found: {found}); expected a diffrecon scan or result file")
+
+
+# --------------------------------------------------------------------------- validated reads
+
+def read_array(f: h5py.File, name: str, *, kinds: str, ndim: tuple[int, ...] | int,
+               required: bool = True, finite: bool = True, index=None) -> np.ndarray | None:
+    """Read dataset ``name`` and validate it: present, numpy kind in ``kinds`` (e.g. 'c',
+    'fiub'), rank in ``ndim``, non-empty, all finite. ``index`` selects along axis 0 (slices).
+    Each failure raises ``InputError`` naming the file and dataset."""
+    path = f.filename
+    if name not in f:
+        if not required:
+            return None
+        raise InputError(f"{path}: missing dataset '{name}'")
+    ds = f[name]
+    if not isinstance(ds, h5py.Dataset):
+        raise InputError(f"{path}: '{name}' is a group, expected a dataset")
+    ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    want_rank = " or ".join(str(n) for n in ndims)
+    if ds.ndim not in ndims:
+        raise InputError(f"{path}: dataset '{name}' has rank {ds.ndim} (shape {ds.shape}), "
+                         f"expected rank {want_rank}")
+    if ds.dtype.kind not in kinds:
+        want = " or ".join(dict.fromkeys(_KIND_NAMES[k] for k in kinds))
+        raise InputError(f"{path}: dataset '{name}' has dtype {ds.dtype}, expected {want}")
+    if ds.size == 0:
+        raise InputError(f"{path}: dataset '{name}' is empty (shape {ds.shape}), "
+                         f"expected a non-empty array")
+    try:
+        arr = np.asarray(ds[()] if index is None else ds[index])
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: dataset '{name}' cannot be read (truncated or corrupt file: "
+                         f"{exc})") from exc
+    if finite and arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+        n_bad = int(arr.size - np.isfinite(arr).sum())
+        raise InputError(f"{path}: dataset '{name}' contains {n_bad} NaN or Inf values, "
+                         f"expected finite values")
+    return arr
+
+
+def check_shape(path, name: str, shape: tuple[int, ...], expected: tuple[int, ...],
+                what: str) -> None:
+    """Raise ``InputError`` unless ``shape == expected`` (``what`` explains the expectation)."""
+    if tuple(shape) != tuple(expected):
+        raise InputError(f"{path}: dataset '{name}' has shape {tuple(shape)}, expected "
+                         f"{tuple(expected)} ({what})")
+
+
+def slice_index(slices, n: int, path) -> Any:
+    """Normalise a slice selection (None, int, slice, sequence of ints) for axis 0 of
+    length ``n``; sequences are returned sorted and unique (h5py fancy-index rule)."""
+    if slices is None:
+        return None
+    if isinstance(slices, slice):
+        return slices
+    idx = np.atleast_1d(np.asarray(slices))
+    if idx.dtype.kind not in "iu" or idx.ndim != 1:
+        raise InputError(f"{path}: slice selection {slices!r} must be integers")
+    idx = np.where(idx < 0, idx + n, idx)
+    if idx.size == 0 or idx.min() < 0 or idx.max() >= n:
+        raise InputError(f"{path}: slice selection {slices!r} out of range for {n} slices")
+    return sorted(set(int(i) for i in idx))
+
+
+def attrs_to_dict(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """HDF5 attributes -> plain Python (bytes -> str, numpy scalars -> int/float/bool)."""
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, bytes):
+            v = v.decode("utf-8", errors="replace")
+        elif isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, np.ndarray) and v.dtype.kind in "OSU":
+            v = [x.decode() if isinstance(x, bytes) else str(x) for x in v.ravel()]
+        out[k] = v
+    return out
+
+
+def attr_value(value: Any) -> Any:
+    """A Python value -> something HDF5 stores natively (JSON string for dicts, None,
+    mixed or nested lists; numeric arrays stay arrays; paths become strings)."""
+    if isinstance(value, (str, bool, int, float, np.generic)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return value
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+        return np.asarray(value)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(x, str) for x in value):
+        return [str(x) for x in value]
+    return json.dumps(_jsonable(value), sort_keys=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def write_attrs(obj: h5py.File | h5py.Dataset, attrs: Mapping[str, Any]) -> None:
+    """Write ``attrs`` in sorted key order (deterministic files) via :func:`attr_value`."""
+    for k in sorted(attrs):
+        obj.attrs[str(k)] = attr_value(attrs[k])
+
+
+# --------------------------------------------------------------------------- result files
+
+@dataclass
+class Result:
+    """Contents of a result file (see module docstring). ``attrs`` strings holding JSON
+    objects / arrays are decoded back to dicts / lists."""
+
+    reconstruction: np.ndarray
+    std: np.ndarray
+    samples: np.ndarray | None = None
+    complex: np.ndarray | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def write_result(path: str | os.PathLike, reconstruction, std, samples=None, complex=None,
+                 attrs: Mapping[str, Any] | None = None) -> Path:
+    """Write a result file atomically. Shapes: ``reconstruction``/``std`` (slices, H, W) or
+    (slices, C, H, W); ``samples`` (slices, n_samples, ...); ``complex`` (slices, H, W)."""
+    rec = np.asarray(reconstruction, dtype=np.float32)
+    std = np.asarray(std, dtype=np.float32)
+    if rec.ndim not in (3, 4):
+        raise InputError(f"reconstruction for {path} has shape {rec.shape}, expected "
+                         f"(slices, H, W) or (slices, C, H, W)")
+    if std.shape != rec.shape:
+        raise InputError(f"std for {path} has shape {std.shape}, expected {rec.shape}")
+    with atomic_h5(path) as f:
+        f.create_dataset("reconstruction", data=rec)
+        f.create_dataset("std", data=std)
+        if samples is not None:
+            s = np.asarray(samples, dtype=np.float32)
+            if s.ndim != rec.ndim + 1 or s.shape[0] != rec.shape[0] or s.shape[2:] != rec.shape[1:]:
+                raise InputError(f"samples for {path} have shape {s.shape}, expected "
+                                 f"(slices, n_samples, {', '.join(map(str, rec.shape[1:]))})")
+            f.create_dataset("samples", data=s)
+        if complex is not None:
+            c = np.asarray(complex, dtype=np.complex64)
+            if c.shape[0] != rec.shape[0]:
+                raise InputError(f"reconstruction_complex for {path} has {c.shape[0]} slices, "
+                                 f"expected {rec.shape[0]}")
+            f.create_dataset("reconstruction_complex", data=c)
+        write_attrs(f, dict(attrs or {}))
+    return Path(path)
+
+
+def read_result(path: str | os.PathLike) -> Result:
+    """Read and validate a result file written by :func:`write_result`."""
+    with open_h5_checked(path) as f:
+        rec = read_array(f, "reconstruction", kinds="f", ndim=(3, 4), finite=False)
+        std = read_array(f, "std", kinds="f", ndim=(3, 4), finite=False)
+        check_shape(path, "std", std.shape, rec.shape, "same as 'reconstruction'")
+        samples = read_array(f, "samples", kinds="f", ndim=rec.ndim + 1, required=False,
+                             finite=False)
+        cplx = read_array(f, "reconstruction_complex", kinds="c", ndim=3, required=False,
+                          finite=False)
+        attrs = attrs_to_dict(f.attrs)
+    for k, v in attrs.items():
+        if isinstance(v, str) and v[:1] in "{[":
+            with contextlib.suppress(ValueError):
+                attrs[k] = json.loads(v)
+    return Result(rec, std, samples, cplx, attrs, Path(path))
