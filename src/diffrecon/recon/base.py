@@ -143,8 +143,7 @@ class Solver:
         t0 = time.perf_counter()
         cphys, cprior = CountingPhysics(physics), CountingPrior(prior)
         sigma_y = noise_sigma(physics)
-        with torch.no_grad():
-            signal_shape = tuple(physics.A_adjoint(y).shape[1:])
+        signal_shape = self._signal_shape(y, physics, prior)
         batch = y.shape[0]
         entropy = measurement_entropy(seed, batch)
         diagnostics: dict[str, list] = {}
@@ -171,6 +170,25 @@ class Solver:
         return Reconstruction.from_samples(samples.detach(), info)
 
     # -- for subclasses ------------------------------------------------------------------
+    @staticmethod
+    def _signal_shape(y: Tensor, physics, prior) -> tuple[int, ...]:
+        """Shape of x without batch: from A_adjoint for linear physics, else the prior's
+        fixed ``signal_shape``, else the physics' ``img_size``, else (prior.channels, *y's
+        spatial size) for shape-preserving nonlinear operators."""
+        from deepinv.physics import LinearPhysics
+
+        if isinstance(physics, LinearPhysics):
+            with torch.no_grad():
+                return tuple(physics.A_adjoint(y).shape[1:])
+        if getattr(prior, "signal_shape", None) is not None:
+            return tuple(prior.signal_shape)
+        if getattr(physics, "img_size", None) is not None:
+            return tuple(physics.img_size)
+        if getattr(prior, "channels", None) is not None and y.ndim == 4:
+            return (prior.channels, *y.shape[2:])
+        raise ValueError("cannot infer the signal shape for a nonlinear physics: set "
+                         "physics.img_size = (C, H, W)")
+
     def _sample(self, y: Tensor, ctx: SolveContext) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 

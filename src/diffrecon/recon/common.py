@@ -71,7 +71,7 @@ def cg(apply_A: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None = None,
     r = b - apply_A(x) if x0 is not None else b.clone()
     p = r.clone()
     rs = bdot(r, r)
-    thresh = (tol ** 2) * bdot(b, b)
+    thresh = max(tol, 16 * torch.finfo(b.dtype).eps) ** 2 * bdot(b, b)
     tiny = torch.finfo(b.dtype).tiny
     for _ in range(iters):
         Ap = apply_A(p)
