@@ -1,0 +1,195 @@
+"""Image-quality metrics with the fastMRI definitions, and evaluation of a result file.
+
+fastMRI (``fastmri/evaluate.py``, Zbontar et al. 2018) scores a VOLUME (slices, H, W):
+
+* ``nmse = ||gt - pred||^2 / ||gt||^2`` over the volume;
+* ``psnr`` = skimage ``peak_signal_noise_ratio`` over the volume with ``data_range = gt.max()``;
+* ``ssim`` = mean over slices of skimage ``structural_similarity`` (7x7 uniform window), each
+  slice with the VOLUME's ``data_range = gt.max()``.
+
+:func:`evaluate_file` reports those volume figures under ``"volume"`` and, at the top level,
+the mean over slices of the per-slice figures (each slice still uses the volume maximum as
+its data range, so a dark slice is not flattered).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from diffrecon.errors import InputError
+
+REFERENCE_KINDS = ("auto", "rss", "complex")
+
+
+def _pair(gt, pred) -> tuple[np.ndarray, np.ndarray]:
+    gt = np.asarray(gt, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
+    if gt.shape != pred.shape:
+        raise ValueError(f"shape mismatch: reference {gt.shape} vs prediction {pred.shape}")
+    return gt, pred
+
+
+def nmse(gt, pred) -> float:
+    """Normalised MSE ||gt - pred||^2 / ||gt||^2 over all entries."""
+    gt, pred = _pair(gt, pred)
+    return float(np.linalg.norm(gt - pred) ** 2 / np.linalg.norm(gt) ** 2)
+
+
+def psnr(gt, pred, maxval: float | None = None) -> float:
+    """PSNR (dB) over all entries with data range ``maxval`` (default ``gt.max()``)."""
+    gt, pred = _pair(gt, pred)
+    maxval = float(gt.max()) if maxval is None else float(maxval)
+    if not np.any(gt != pred):
+        return float("inf")
+    return float(peak_signal_noise_ratio(gt, pred, data_range=maxval))
+
+
+def ssim(gt, pred, maxval: float | None = None) -> float:
+    """Mean over slices of skimage SSIM; ``gt``/``pred`` (slices, H, W) or (slices, C, H, W)
+    (channels averaged), data range ``maxval`` (default ``gt.max()`` of the volume)."""
+    gt, pred = _pair(gt, pred)
+    if gt.ndim == 2:
+        gt, pred = gt[None], pred[None]
+    if gt.ndim not in (3, 4):
+        raise ValueError(f"ssim expects (slices, H, W) or (slices, C, H, W), got {gt.shape}")
+    maxval = float(gt.max()) if maxval is None else float(maxval)
+    return float(np.mean([_ssim2d(g, p, maxval) for g, p in zip(gt, pred, strict=True)]))
+
+
+def _ssim2d(gt: np.ndarray, pred: np.ndarray, maxval: float) -> float:
+    kw: dict[str, Any] = {"data_range": maxval}
+    if min(gt.shape[-2:]) < 7:  # skimage's default 7x7 window needs 7 pixels
+        kw["win_size"] = min(gt.shape[-2:]) // 2 * 2 + 1 if min(gt.shape[-2:]) >= 3 else 1
+    if gt.ndim == 3:
+        kw["channel_axis"] = 0
+    return float(structural_similarity(gt, pred, **kw))
+
+
+def evaluate_arrays(reference, prediction) -> dict[str, Any]:
+    """Metrics of a (slices, H, W) or (slices, C, H, W) prediction against a reference of
+    the same shape: per-slice values and their mean (top level), fastMRI volume values."""
+    gt, pred = _pair(reference, prediction)
+    if gt.ndim == 2:
+        gt, pred = gt[None], pred[None]
+    maxval = float(gt.max())
+    if not maxval > 0:
+        raise ValueError("reference maximum must be positive for PSNR/SSIM")
+    per_slice = []
+    for i, (g, p) in enumerate(zip(gt, pred, strict=True)):
+        err = float(np.sum((g - p) ** 2))
+        ref = float(np.sum(g ** 2))
+        per_slice.append({
+            "slice": i,
+            "psnr": float(peak_signal_noise_ratio(g, p, data_range=maxval)) if err > 0
+            else float("inf"),
+            "ssim": _ssim2d(g, p, maxval),
+            "nmse": err / ref if ref > 0 else float("nan"),
+        })
+    out: dict[str, Any] = {k: float(np.mean([s[k] for s in per_slice]))
+                           for k in ("psnr", "ssim", "nmse")}
+    out["volume"] = {"psnr": psnr(gt, pred, maxval), "ssim": ssim(gt, pred, maxval),
+                     "nmse": nmse(gt, pred)}
+    out["data_range"] = maxval
+    out["per_slice"] = per_slice
+    return out
+
+
+def center_crop(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Crop the last two axes of ``x`` to ``shape`` around the centre (fastMRI convention)."""
+    h, w = x.shape[-2:]
+    th, tw = shape
+    if th > h or tw > w:
+        raise ValueError(f"cannot crop {x.shape[-2:]} to {shape}")
+    top, left = (h - th) // 2, (w - tw) // 2
+    return x[..., top:top + th, left:left + tw]
+
+
+def load_reference(reference_path: str | os.PathLike, kind: str = "auto",
+                   slices=None) -> tuple[np.ndarray, str]:
+    """The ground truth in a scan file, as a float array (slices, H, W) (or with channels).
+
+    MRI: ``kind='rss'`` reads ``reconstruction_rss``; ``'complex'`` the magnitude of
+    ``ground_truth_complex`` (the complex / MVUE image); ``'auto'`` takes RSS when present.
+    CT: ``ground_truth``; images: ``image``. Returns (array, description of the source).
+    """
+    from diffrecon.datasets.io import detect_modality, open_h5_checked, read_array
+
+    if kind not in REFERENCE_KINDS:
+        raise InputError(f"--reference-kind {kind!r} is not valid; expected one of "
+                         f"{', '.join(REFERENCE_KINDS)}")
+    path = Path(reference_path)
+    modality = detect_modality(path)
+    if modality == "result":
+        raise InputError(f"{path}: is a result file, expected the scan that holds the ground "
+                         f"truth as --reference")
+    with open_h5_checked(path) as f:
+        if modality == "mri":
+            order = {"auto": ("reconstruction_rss", "ground_truth_complex"),
+                     "rss": ("reconstruction_rss",),
+                     "complex": ("ground_truth_complex",)}[kind]
+            name = next((n for n in order if n in f), None)
+            if name is None:
+                raise InputError(f"{path}: no reference dataset {' or '.join(map(repr, order))}"
+                                 f" for --reference-kind {kind}")
+            kinds = "c" if name == "ground_truth_complex" else "f"
+        else:
+            name = "ground_truth" if modality == "ct" else "image"
+            kinds = "f"
+        arr = read_array(f, name, kinds=kinds, ndim=(3, 4) if modality == "image" else 3)
+    arr = np.abs(arr) if kinds == "c" else arr
+    if slices is not None:
+        idx = np.asarray(slices, dtype=int)
+        if idx.size and (idx.max() >= arr.shape[0]):
+            raise InputError(f"{path}: result refers to slice {int(idx.max())} but the "
+                             f"reference has {arr.shape[0]} slices")
+        arr = arr[idx]
+    return arr.astype(np.float64), name
+
+
+def evaluate_file(result, reference, reference_kind: str = "auto") -> dict[str, Any]:
+    """Score a result file against the ground truth in its scan file.
+
+    ``result`` is a path (or a ``diffrecon.datasets.io.Result``); ``reference`` the scan's
+    path. Slices recorded in the result's ``slices`` attribute select the reference slices;
+    a larger reconstruction is centre-cropped to the reference (fastMRI). Returns
+    ``{"psnr", "ssim", "nmse", "per_slice", "volume", "reference", ...}``.
+    """
+    from diffrecon.datasets.io import Result, read_result
+
+    res = result if isinstance(result, Result) else read_result(result)
+    slices = res.attrs.get("slices")
+    if isinstance(slices, np.ndarray | list | tuple):
+        slices = [int(s) for s in np.ravel(slices)]
+    else:
+        slices = None
+    gt, name = load_reference(reference, reference_kind, slices)
+    pred = np.asarray(res.reconstruction, dtype=np.float64)
+    if pred.shape[0] != gt.shape[0]:
+        raise InputError(f"{res.path}: result has {pred.shape[0]} slices but reference "
+                         f"{reference} has {gt.shape[0]}")
+    if pred.ndim != gt.ndim:
+        raise InputError(f"{res.path}: reconstruction shape {pred.shape} does not match "
+                         f"reference '{name}' shape {gt.shape}")
+    if pred.shape[-2:] != gt.shape[-2:]:
+        try:
+            pred = center_crop(pred, gt.shape[-2:])
+        except ValueError:
+            raise InputError(f"{res.path}: reconstruction shape {pred.shape} does not match "
+                             f"reference '{name}' shape {gt.shape}") from None
+    if pred.shape != gt.shape:
+        raise InputError(f"{res.path}: reconstruction shape {pred.shape} does not match "
+                         f"reference '{name}' shape {gt.shape}")
+    if not gt.max() > 0:
+        raise InputError(f"{reference}: reference '{name}' has no positive values")
+    out = evaluate_arrays(gt, pred)
+    out["reference"] = name
+    out["result"] = str(res.path) if res.path else None
+    if slices is not None:
+        for s, idx in zip(out["per_slice"], slices, strict=True):
+            s["slice"] = idx
+    return out

@@ -1,0 +1,209 @@
+"""The reconstruction pipeline: normalisation, MRI masks and coil maps, provenance,
+batch/slice invariance, resumability and the out-of-memory retry."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from diffrecon import pipeline
+from diffrecon.datasets.fastmri import mask_seed_from_filename, read_mri_scan
+from diffrecon.datasets.io import read_result, sha256_file
+from diffrecon.datasets.simulate import simulate_ct, simulate_mri
+from diffrecon.errors import InputError
+from diffrecon.metrics import evaluate_file
+from diffrecon.operators.masks import fastmri_mask
+from diffrecon.priors.base import Prior
+
+
+class IsoGaussian(Prior):
+    """Exact denoiser of x ~ N(0, s0^2 I): D(x, sigma) = x s0^2 / (s0^2 + sigma^2)."""
+
+    def __init__(self, s0=0.5, channels=2):
+        super().__init__()
+        self.name, self.channels, self.s0 = "iso-gaussian", channels, s0
+        self.data_range, self.sigma_min, self.sigma_max = (-1.0, 1.0), 0.01, 5.0
+
+    def _denoise(self, x, sigma):
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        return x * self.s0 ** 2 / (self.s0 ** 2 + s ** 2)
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scans")
+    return {
+        "mri": simulate_mri(d / "mri.h5", size=32, slices=3, coils=4, acceleration=4,
+                            center_fraction=0.16, noise=0.002, seed=1),
+        "full": simulate_mri(d / "full.h5", size=32, slices=1, coils=4, fully_sampled=True,
+                             seed=2),
+        "ct": simulate_ct(d / "ct.h5", size=32, slices=2, views=30, seed=3),
+    }
+
+
+def test_normaliser_round_trip_and_mri_scale():
+    n = pipeline.Normaliser(2.5)
+    x = torch.randn(3, 2, 4, 4)
+    assert torch.equal(n.from_prior(n.to_prior(x)), x / 2.5 * 2.5)
+    mag = np.linspace(0, 10, 1001)
+    nm = pipeline.mri_normaliser(mag)
+    assert np.percentile(mag / nm.scale, 99) == pytest.approx(pipeline.MRI_TARGET)
+    assert pipeline.fixed_normaliser({}, "f").scale == 1.0
+    with pytest.raises(InputError, match="intensity_scale"):
+        pipeline.fixed_normaliser({"intensity_scale": -1.0}, "f")
+
+
+def test_parse_slices():
+    assert pipeline.parse_slices("0,2,5-7") == [0, 2, 5, 6, 7]
+    assert pipeline.parse_slices(None) is None
+    with pytest.raises(InputError, match="--slices"):
+        pipeline.parse_slices("x")
+
+
+def test_mri_dds_result_layout_and_provenance(tmp_path, scans):
+    out = tmp_path / "r.h5"
+    s = pipeline.reconstruct_file(scans["mri"], out, solver="dds", prior=IsoGaussian(),
+                                  steps=8, samples=2, seed=5, device="cpu", save_samples=True)
+    assert s["status"] == "done" and s["nfe"] == 8
+    res = read_result(out)
+    assert res.reconstruction.shape == (3, 32, 32) and res.reconstruction.dtype == np.float32
+    assert res.samples.shape == (3, 2, 32, 32)
+    np.testing.assert_allclose(res.reconstruction, np.abs(res.complex), rtol=1e-5, atol=1e-12)
+    a = res.attrs
+    assert a["solver"] == "dds" and a["prior"] == "iso-gaussian" and a["seed"] == 5
+    assert a["prior_sha256"] == IsoGaussian().checksum and len(a["prior_sha256"]) == 64
+    assert a["input_sha256"] == sha256_file(scans["mri"])
+    acs = pipeline.acs_width(read_mri_scan(scans["mri"]).mask)
+    assert a["coil_maps_source"] == "espirit" and a["espirit"]["calib_width"] == min(24, acs)
+    assert a["torch_version"] == str(torch.__version__) and a["solver_options"]["steps"] == 8
+    assert list(a["slices"]) == [0, 1, 2] and a["nfe"] == 8 and a["wall_time_s"] > 0
+    # std is the pointwise spread of the two draws (complex std), positive inside the object
+    assert (res.std > 0).mean() > 0.5
+    # reconstruction is on the scale of reconstruction_rss (not of the prior)
+    with h5py.File(scans["mri"]) as f:
+        rss = f["reconstruction_rss"][()]
+    ratio = np.median(res.reconstruction[rss > 0.3 * rss.max()] / rss[rss > 0.3 * rss.max()])
+    assert 0.7 < ratio < 1.3
+    # averaging posterior draws reduces the error: the mean beats every single draw
+    m = evaluate_file(out, scans["mri"])
+    draws = [evaluate_file(type(res)(res.samples[:, i], res.std, path=out, attrs=res.attrs),
+                           scans["mri"])["psnr"] for i in range(2)]
+    assert m["psnr"] > max(draws) + 0.5, (m["psnr"], draws)
+
+
+def test_slices_independent_of_selection(tmp_path, scans):
+    kw = dict(solver="dds", prior=IsoGaussian(channels=1), steps=5, seed=1, device="cpu")
+    pipeline.reconstruct_file(scans["ct"], tmp_path / "all.h5", **kw)
+    pipeline.reconstruct_file(scans["ct"], tmp_path / "one.h5", slices="1", **kw)
+    full, one = read_result(tmp_path / "all.h5"), read_result(tmp_path / "one.h5")
+    np.testing.assert_array_equal(full.reconstruction[1], one.reconstruction[0])
+    assert list(one.attrs["slices"]) == [1]
+    pipeline.reconstruct_file(scans["ct"], tmp_path / "bs.h5", batch_size=1, **kw)
+    np.testing.assert_array_equal(read_result(tmp_path / "bs.h5").reconstruction,
+                                  full.reconstruction)
+
+
+def test_retrospective_mask_seeded_from_file_name(tmp_path, scans):
+    with pytest.raises(InputError, match="--acceleration"):
+        pipeline.reconstruct_file(scans["full"], tmp_path / "x.h5", solver="dds",
+                                  prior=IsoGaussian(), steps=2)
+    assert not (tmp_path / "x.h5").exists()
+    out = tmp_path / "r.h5"
+    pipeline.reconstruct_file(scans["full"], out, solver="dds", prior=IsoGaussian(), steps=3,
+                              acceleration=4, center_fraction=0.25, mask_type="equispaced")
+    a = read_result(out).attrs
+    ks = read_mri_scan(scans["full"]).kspace
+    expect = fastmri_mask(ks.shape, [0.25], [4], kind="equispaced",
+                          seed=mask_seed_from_filename(scans["full"]))
+    np.testing.assert_array_equal(np.asarray(a["mask"], bool), expect)
+    assert a["acceleration"] == 4.0 and a["mask_type"] == "equispaced"
+    with pytest.raises(InputError, match="already undersampled"):
+        pipeline.reconstruct_file(scans["mri"], tmp_path / "y.h5", solver="dds",
+                                  prior=IsoGaussian(), acceleration=4)
+
+
+def test_resume_skip_conflict_overwrite_and_stale_tmp(tmp_path, scans):
+    out = tmp_path / "r.h5"
+    kw = dict(solver="dds", prior=IsoGaussian(channels=1), steps=3, device="cpu")
+    stale = tmp_path / "r.h5.tmp-999999999"
+    stale.write_bytes(b"partial garbage")
+    assert pipeline.reconstruct_file(scans["ct"], out, **kw)["status"] == "done"
+    assert not stale.exists()
+    before = out.read_bytes()
+    assert pipeline.reconstruct_file(scans["ct"], out, **kw)["status"] == "skipped"
+    assert pipeline.reconstruct_file(scans["ct"], out, batch_size=1, **kw)["status"] == "skipped"
+    with pytest.raises(InputError, match="--overwrite"):
+        pipeline.reconstruct_file(scans["ct"], out, seed=9, **kw)
+    assert out.read_bytes() == before
+    s = pipeline.reconstruct_file(scans["ct"], out, seed=9, overwrite=True, **kw)
+    assert s["status"] == "done" and read_result(out).attrs["seed"] == 9
+    # a non-result file at the output path is never silently replaced
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5")
+    with pytest.raises(InputError, match="not a diffrecon result"):
+        pipeline.reconstruct_file(scans["ct"], junk, **kw)
+
+
+def test_reconstruct_many_directory_and_failure_isolation(tmp_path, scans):
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("a.h5", "b.h5"):
+        (d / name).write_bytes(open(scans["ct"], "rb").read())
+    (d / "c.h5").write_bytes(b"garbage")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"c\.h5.*1 of 3 inputs failed"):
+        pipeline.reconstruct_many([d], out, solver="dds", prior=IsoGaussian(channels=1),
+                                  steps=2)
+    assert sorted(p.name for p in out.iterdir()) == ["a_recon.h5", "b_recon.h5"]
+    (d / "c.h5").unlink()
+    res = pipeline.reconstruct_many([d], out, solver="dds", prior=IsoGaussian(channels=1),
+                                    steps=2)
+    assert [r["status"] for r in res] == ["skipped", "skipped"]
+
+
+def test_oom_halves_batch_and_tells(monkeypatch):
+    events = []
+
+    class Fake:
+        class options:  # noqa: N801 - mimics a frozen dataclass instance
+            batch_size = 8
+
+        def solve(self, y, physics, prior, **kw):
+            if self.options.batch_size > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return "ok"
+
+    fake = Fake()
+    monkeypatch.setattr(pipeline.dataclasses, "replace",
+                        lambda o, batch_size: type("O", (), {"batch_size": batch_size}))
+    assert pipeline._solve_slice(fake, None, None, None, samples=4, seed=0, callback=None,
+                                 progress=events.append, name="f.h5") == "ok"
+    assert fake.options.batch_size == 2
+    assert [e["text"] for e in events] == [
+        "f.h5: CUDA out of memory; retrying with --batch-size 4",
+        "f.h5: CUDA out of memory; retrying with --batch-size 2"]
+
+
+def test_describe_and_calibrate(tmp_path, scans):
+    d = pipeline.describe_file(scans["mri"])
+    assert d["modality"] == "mri" and d["coils"] == 4 and d["slices"] == 3
+    assert d["acceleration"] == pytest.approx(32 / read_mri_scan(scans["mri"]).mask.sum())
+    assert d["noise_sigma"] == pytest.approx(0.002 * 1e-4)
+    json.dumps(d)
+    side = tmp_path / "maps.h5"
+    s = pipeline.calibrate_file(scans["mri"], side)
+    assert s["shape"] == [3, 4, 32, 32]
+    scan_copy = tmp_path / "scan.h5"
+    scan_copy.write_bytes(open(scans["mri"], "rb").read())
+    pipeline.calibrate_file(scan_copy)
+    with h5py.File(scan_copy) as f, h5py.File(side) as g:
+        np.testing.assert_array_equal(f["coil_maps"][()], g["coil_maps"][()])
+        assert "kspace" in f and "reconstruction_rss" in f
+    with pytest.raises(InputError, match="already holds"):
+        pipeline.calibrate_file(scan_copy)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
