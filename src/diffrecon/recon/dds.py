@@ -81,7 +81,7 @@ def dds_loop(z: Tensor, sigmas: Tensor, denoise: Callable, consistency: Callable
              fresh: Callable, randn: Callable, report: Callable) -> Tensor:
     """The DDS reverse loop (Algorithm 1): Tweedie, data consistency, renoise.
 
-    ``denoise(z, sigma) -> (x0_hat, eps_hat)``, ``consistency(x0_hat) -> x0'``,
+    ``denoise(z, sigma) -> (x0_hat, eps_hat)``, ``consistency(x0_hat, sigma) -> x0'``,
     ``fresh(sigma, sigma_next) -> f``, ``randn() -> xi`` shaped like z,
     ``report(i, sigma, z, x0')``. Returns the data-consistent x0' of the last step.
     """
@@ -89,7 +89,7 @@ def dds_loop(z: Tensor, sigmas: Tensor, denoise: Callable, consistency: Callable
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0, eps = denoise(z, sigma)
-        x0 = consistency(x0)
+        x0 = consistency(x0, sigma)
         report(i, sigma, z, x0)
         if i == n - 1:
             return x0
@@ -114,14 +114,18 @@ class DDSOptions:
 
     steps: denoiser calls (paper 50; 19-99 tested). cg_iters: CG steps per diffusion step
     (paper M = 5; M = 10 was worse in their ablation). gamma: data weight of the noisy
-    system (paper 1.0; in units of the data, so it scales with 1 / ||A||^2). eta and
+    system (paper 1.0; in units of the data, so it scales with 1 / ||A||^2), or "auto":
+    gamma_t = min(sigma_t, sigma_data)^2 / sigma_y^2, the weight that makes the CG system the
+    Gaussian posterior of x given x0_hat ~ N(x, r_t^2 I) (Tweedie error r_t ~ sigma_t, capped
+    by the data's own spread) and y ~ N(A x, sigma_y^2 I); it tends to the noiseless system as
+    sigma_y -> 0. eta and
     noise_convention: fresh-noise fraction (module docstring); the default eta = 1.0 with
     "ddim" is the DDPM-ancestral amount; eta = 0.85 with "reference" reproduces the paper.
     """
 
     steps: int = 50                 # paper: 50 NFE
     cg_iters: int = 5               # paper: M = 5
-    gamma: float = 1.0              # paper: 1.0
+    gamma: float | str = "auto"     # paper: 1.0 (fixed); "auto" = min(sigma_t, sd)^2 / sigma_y^2
     eta: float = 1.0                # paper: 0.85 in the "reference" convention
     noise_convention: str = "ddim"  # paper: "reference"
     schedule: str = "karras"        # paper: VP DDIM respacing ("vp")
@@ -131,6 +135,8 @@ class DDSOptions:
 
     def __post_init__(self):
         _check_convention("dds", self.noise_convention)
+        if isinstance(self.gamma, str) and self.gamma != "auto":
+            raise InputError(f"dds: option gamma={self.gamma!r} must be a number or 'auto'.")
 
 
 class DDSSolver(Solver):
@@ -147,11 +153,16 @@ class DDSSolver(Solver):
         aty = phys.A_adjoint(y)
         residuals: list[Tensor] = []
 
+        sigma_data = float(getattr(ctx.prior, "sigma_data", 0.5))
         if ctx.sigma_y > 0:
-            def consistency(x0):
-                return cg(lambda x: x + o.gamma * normal(x), x0 + o.gamma * aty, x0, o.cg_iters)
+            def consistency(x0, sigma):
+                if o.gamma == "auto":
+                    gamma = torch.clamp(sigma, max=sigma_data).to(y.dtype) ** 2 / ctx.sigma_y ** 2
+                else:
+                    gamma = o.gamma
+                return cg(lambda x: x + gamma * normal(x), x0 + gamma * aty, x0, o.cg_iters)
         else:
-            def consistency(x0):
+            def consistency(x0, sigma):
                 return cg(normal, aty, x0, o.cg_iters)
 
         def report(i, sigma, z, x0):
@@ -252,7 +263,7 @@ class DDS3DSolver(Solver):
         def one(t: Tensor) -> Tensor:  # the volume as one CG "row": real inner product over all
             return t.unsqueeze(0)
 
-        def admm(x0):
+        def admm(x0, sigma):
             nonlocal v, u
             rhs = aty + o.rho * dz_adjoint(v - u)
             x = cg(lambda t: one(normal(t[0]) + o.rho * dz_adjoint(dz(t[0]))), one(rhs), one(x0),
