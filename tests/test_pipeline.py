@@ -207,3 +207,20 @@ def test_describe_and_calibrate(tmp_path, scans):
     with pytest.raises(InputError, match="already holds"):
         pipeline.calibrate_file(scan_copy)
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_acs_width_1d_and_2d_masks():
+    from diffrecon.operators import poisson_mask
+    from diffrecon.pipeline import acs_width
+
+    cols = np.zeros(32, bool)
+    cols[13:19] = True
+    cols[::4] = True
+    assert acs_width(cols) == 7  # 12..19 contiguous (12 sampled by ::4)
+    assert acs_width(np.broadcast_to(cols, (32, 32))) == 7
+    square = np.zeros((32, 32), bool)
+    square[11:21, 11:21] = True
+    square[0, ::3] = True
+    assert acs_width(square) == 10
+    pm = poisson_mask((64, 64), 6, calib=(12, 12), seed=0)
+    assert acs_width(pm) >= 12

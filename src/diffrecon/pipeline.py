@@ -332,8 +332,20 @@ def _setup_mri(path, slices, device, *, acceleration, mask_type, center_fraction
 
 
 def acs_width(mask: np.ndarray) -> int:
-    """Width of the contiguous fully sampled band of phase-encoding lines around ky // 2."""
+    """Width of the fully sampled calibration region around the k-space centre: the band of
+    phase-encoding lines around ky // 2 for 1D (or column-wise) masks, the largest centred
+    fully sampled square for 2D (Poisson-disc) masks."""
     m = np.asarray(mask, bool)
+    if m.ndim == 2 and not (m.all(0) | ~m.any(0)).all():  # truly 2D pattern
+        cy, cx = m.shape[0] // 2, m.shape[1] // 2
+        width = 0
+        while width < min(m.shape):
+            w = width + 1
+            lo_y, lo_x = cy - w // 2, cx - w // 2
+            if lo_y < 0 or lo_x < 0 or not m[lo_y:lo_y + w, lo_x:lo_x + w].all():
+                break
+            width = w
+        return width
     cols = m if m.ndim == 1 else m.all(0)
     c = cols.size // 2
     if not cols[c]:
