@@ -32,7 +32,6 @@ eps draws of their seeds, so their spread is not a posterior uncertainty.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

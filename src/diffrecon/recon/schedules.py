@@ -23,8 +23,7 @@ def karras(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: f
     (min^(1/rho) - max^(1/rho)))^rho, i = 0..n-1."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1,
-                                                                                          dtype=torch.float64)
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     s = (hi + ramp * (lo - hi)) ** rho
     return _append_zero(s) if append_zero else s
@@ -80,5 +79,6 @@ def get_schedule(name: str, steps: int, **kwargs) -> Tensor:
     try:
         fn = SCHEDULES[name]
     except KeyError:
-        raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(sorted(SCHEDULES))}") from None
+        valid = ", ".join(sorted(SCHEDULES))
+        raise ValueError(f"unknown schedule {name!r}; valid: {valid}") from None
     return fn(steps, **kwargs)
