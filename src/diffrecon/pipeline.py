@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from diffrecon.errors import InputError
+from diffrecon.recon.base import physics_in_dtype
 
 DEFAULT_SOLVER = "dds"
 DEFAULT_PRIORS = {"mri": "phantom-mri", "ct": "phantom-ct", "image": "phantom-ct"}
@@ -246,6 +247,22 @@ def kspace_noise_sigma(kspace: np.ndarray, mask: np.ndarray | None) -> float:
     return float(np.median(mags) / math.sqrt(2 * math.log(2)))
 
 
+def model_mismatch_sigma(physics, y: torch.Tensor, iters: int = 50) -> float:
+    """RMS residual per sampled measurement entry of the least-squares fit (CG on A^T A):
+    the part of y no image explains (coil-map errors, noise). Used as a floor for the noise
+    level handed to the solvers, so a noiseless file with estimated coil maps does not ask
+    for A x = y exactly (which has no solution and makes SMC's final step diverge)."""
+    from diffrecon.recon.common import cg
+
+    with torch.no_grad():
+        y64 = y.to(torch.float64)
+        phys64 = physics_in_dtype(physics, torch.float64)
+        x = cg(lambda v: phys64.A_adjoint(phys64.A(v)), phys64.A_adjoint(y64), iters=iters)
+        r = phys64.A(x) - y64
+        sampled = (y64 != 0).sum().clamp_min(1)  # k-space is exactly 0 off the mask
+        return float((r.pow(2).sum() / sampled).sqrt())
+
+
 def _mri_mask(scan, path, acceleration, mask_type, center_fraction):
     """(mask (ky,) bool, mask info dict) for an MRI scan (see module docstring)."""
     from diffrecon.datasets.fastmri import mask_seed_from_filename
@@ -322,8 +339,9 @@ def _setup_mri(path, slices, device, *, acceleration, mask_type, center_fraction
         norm = mri_normaliser(torch.linalg.vector_norm(zf, dim=0).cpu().numpy())
         norms.append(norm)
         ys.append(norm.to_prior(y))
+        sigma_j = max(norm.to_prior(float(sigma)), model_mismatch_sigma(unit, ys[-1]))
         phys.append(operators.mri(mask_t, s, img_size=kspace.shape[-2:],
-                                  noise_sigma=norm.to_prior(float(sigma)), device=device))
+                                  noise_sigma=sigma_j, device=device))
     rx, ry = scan.recon_size
     crop = (rx, ry) if (rx, ry) != tuple(scan.kspace.shape[-2:]) else None
     meta = {**mask_info, **maps_info, "noise_sigma": float(sigma), "noise_sigma_source": sigma_src,

@@ -37,6 +37,30 @@ def noise_sigma(physics) -> float:
     return float(sigma)
 
 
+def physics_in_dtype(physics, dtype: torch.dtype):
+    """A copy of ``physics`` whose buffers and parameters are in ``dtype`` (complex buffers
+    in the matching complex dtype); the caller's object is left untouched. Solvers whose
+    linear algebra is ill-conditioned in float32 (SMC's measurement-space CG at small
+    sigma) run in float64 through this."""
+    import copy
+
+    clone = copy.deepcopy(physics)
+    complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    for module in clone.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf is None:
+                continue
+            if buf.is_complex():
+                module._buffers[name] = buf.to(complex_dtype)
+            elif buf.is_floating_point():
+                module._buffers[name] = buf.to(dtype)
+        for name, par in list(module.named_parameters(recurse=False)):
+            if par.is_floating_point():
+                module._parameters[name] = torch.nn.Parameter(par.detach().to(dtype),
+                                                              requires_grad=False)
+    return clone
+
+
 class CountingPrior:
     """Proxy counting denoiser calls (NFE per row) and rows evaluated; no host sync."""
 

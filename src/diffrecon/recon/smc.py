@@ -56,7 +56,14 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from .base import CountingPhysics, CountingPrior, Solver, measurement_entropy, noise_sigma
+from .base import (
+    CountingPhysics,
+    CountingPrior,
+    Solver,
+    measurement_entropy,
+    noise_sigma,
+    physics_in_dtype,
+)
 from .common import (
     bdot,
     cg,
@@ -213,6 +220,9 @@ class SMCSolver(Solver):
         self._check_physics(physics)
         o = self.options
         t0 = time.perf_counter()
+        out_dtype = y.dtype
+        if y.dtype != torch.float64:  # measurement-space CG at c_s ~ sigma_min needs float64
+            y, physics = y.to(torch.float64), physics_in_dtype(physics, torch.float64)
         cphys, cprior = CountingPhysics(physics), CountingPrior(prior)
         sigma_y = noise_sigma(physics)
         if sigma_y == 0 and o.kappa == 0:
@@ -243,8 +253,11 @@ class SMCSolver(Solver):
             "eves": torch.stack(eves).tolist(),                # (B, N) time-0 ancestor ids
             "vjp": n_vjp,
         })
-        return Reconstruction.from_particles(torch.stack(particles, 1), torch.stack(log_w, 1),
-                                             torch.stack(samples, 1), info)
+        rec = Reconstruction.from_particles(torch.stack(particles, 1), torch.stack(log_w, 1),
+                                            torch.stack(samples, 1), info)
+        for name in ("samples", "mean", "std", "particles"):
+            setattr(rec, name, getattr(rec, name).to(out_dtype))
+        return rec
 
     def _run(self, meas: _Measurement, prior, sigma_y: float, sigmas: Tensor, shape, gen,
              num_samples: int, callback, b: int):
