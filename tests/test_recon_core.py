@@ -94,3 +94,14 @@ def test_reconstruction_statistics():
     assert math.isclose(float(rec.mean), 2.5) and math.isclose(float(rec.std),
                                                                  math.sqrt(0.75 * 0.25) * 10)
     assert math.isclose(float(effective_sample_size(lw[:, 0])), 1 / (0.75 ** 2 + 0.25 ** 2))
+
+
+def test_operator_norm_power_iteration():
+    from diffrecon.operators import matrix
+    from diffrecon.recon.common import operator_norm
+
+    g = torch.Generator().manual_seed(1)
+    u, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=F64))
+    v, _ = torch.linalg.qr(torch.randn(9, 9, generator=g, dtype=F64))
+    a = u @ torch.diag(torch.tensor([3.0, 1.0, 0.5, 0.1], dtype=F64)) @ v[:4]
+    assert math.isclose(operator_norm(matrix(a), (9,), iters=200), 3.0, rel_tol=1e-6)

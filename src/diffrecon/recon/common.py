@@ -150,3 +150,25 @@ class RowNoise:
 
     def subset(self, rows: slice) -> RowNoise:
         return RowNoise(self.generators[rows], self.dtype, self.device)
+
+
+def operator_norm(physics, x_shape: tuple[int, ...], *, iters: int = 30, dtype=torch.float64,
+                  device=None, seed: int = 0) -> float:
+    """Largest singular value ||A|| of a linear physics by power iteration on A^T A from a
+    fixed random start (deterministic). Called once per solve, at the edge (one host sync).
+    Nonlinear physics (no adjoint) return 1.0."""
+    from deepinv.physics import LinearPhysics
+
+    base = getattr(physics, "physics", physics)
+    if not isinstance(base, LinearPhysics):
+        return 1.0
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn((1, *x_shape), generator=g, dtype=dtype).to(device)
+    norm_sq = torch.zeros((), dtype=dtype, device=device)
+    with torch.no_grad():
+        for _ in range(iters):
+            x = x / x.norm().clamp_min(torch.finfo(dtype).tiny)
+            ax = base.A_adjoint(base.A(x.to(dtype)))
+            norm_sq = bdot(x, ax.to(x.dtype))[0]
+            x = ax.to(x.dtype)
+    return float(norm_sq.clamp_min(0).sqrt())

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .base import SolveContext, Solver
-from .common import ddim_fresh_fraction, renoise, tweedie
+from .common import ddim_fresh_fraction, operator_norm, renoise, tweedie
 from .schedules import SCHEDULES, get_schedule, vp_alpha
 
 STEP_SCALES = ("vp", "none")
@@ -56,11 +56,14 @@ def solver_sigmas(schedule: str, steps: int, prior, sigma_min: float | None,
 @dataclass(frozen=True)
 class DPSOptions:
     """DPS options. Units: sigma-space of the prior's data; ``zeta`` in VP x_t-space units
-    when ``step_scale="vp"`` (the paper's convention, images in [-1, 1])."""
+    when ``step_scale="vp"`` (the paper's convention, images in [-1, 1]). The paper's
+    operators have ||A|| <= 1; for larger ones (CT line integrals) the step is divided by
+    ||A|| (power iteration once per solve), since grad ||y - A x|| scales with ||A||."""
 
     steps: int = 1000             # paper: 1000 DDPM steps
     zeta: float = 1.0             # paper: 0.3 SR x4 / blur, 0.5 inpainting, 1.0 phase retrieval
     step_scale: str = "vp"        # "vp": zeta / (a_t a_{t-1}) (official); "none": zeta
+    normalize_by_operator_norm: bool = True  # zeta / max(1, ||A||): no-op for ||A|| <= 1
     eta: float = 1.0              # paper: DDPM ancestral step (= DDIM eta 1)
     clip_denoised: bool = False   # paper: True (clips x0 to [-1, 1]; zeroes its gradient there)
     schedule: str = "vp"          # paper: linear-beta 1000-step VP chain
@@ -92,7 +95,11 @@ class DPSSolver(Solver):
         sigmas = solver_sigmas(o.schedule, o.steps, ctx.prior, o.sigma_min,
                                o.sigma_max).to(y.device)
         a = vp_alpha(sigmas) if o.step_scale == "vp" else torch.ones_like(sigmas)
-        step_sizes = (o.zeta / (a[:-1] * a[1:])).to(y.dtype)
+        zeta = o.zeta
+        if o.normalize_by_operator_norm:  # the guidance gradient scales with ||A||
+            zeta = zeta / max(1.0, operator_norm(ctx.physics, ctx.signal_shape, dtype=y.dtype,
+                                                   device=y.device))
+        step_sizes = (zeta / (a[:-1] * a[1:])).to(y.dtype)
         lo, hi = ctx.prior.data_range
         residuals = []
         z = (1 + sigmas[0] ** 2).sqrt().to(y.dtype) * ctx.noise.randn(*ctx.signal_shape)
