@@ -105,3 +105,17 @@ def test_operator_norm_power_iteration():
     v, _ = torch.linalg.qr(torch.randn(9, 9, generator=g, dtype=F64))
     a = u @ torch.diag(torch.tensor([3.0, 1.0, 0.5, 0.1], dtype=F64)) @ v[:4]
     assert math.isclose(operator_norm(matrix(a), (9,), iters=200), 3.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["dds", "dps", "reddiff", "smc"])
+def test_every_solver_accepts_every_schedule(solver):
+    from diffrecon.priors.analytic import mcgdiff_problem
+
+    prior, physics, y, _ = mcgdiff_problem(4, 1, seed=3)
+    for schedule in ("karras", "geometric", "vp"):
+        extra = {"num_particles": 8} if solver == "smc" else {}
+        rec = get_solver(solver, steps=4, schedule=schedule, **extra).solve(y, physics, prior,
+                                                                          seed=0)
+        assert torch.isfinite(rec.mean).all()
+    with pytest.raises(ValueError, match="fixed by its training chain"):
+        schedules.solver_sigmas("vp", 4, prior, 0.1, None)

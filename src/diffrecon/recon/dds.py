@@ -41,7 +41,7 @@ from .base import (
 )
 from .common import RowNoise, bdot, cg, ddim_fresh_fraction, make_generators, renoise, tweedie
 from .reconstruction import Reconstruction
-from .schedules import get_schedule
+from .schedules import solver_sigmas
 
 NOISE_CONVENTIONS = ("ddim", "reference")
 
@@ -72,9 +72,8 @@ def fresh_fraction(eta: float, convention: str, sigma: Tensor, sigma_next: Tenso
 
 
 def _schedule(opts, prior, device) -> Tensor:
-    s_max = opts.sigma_max if opts.sigma_max is not None else prior.sigma_max
-    s_min = opts.sigma_min if opts.sigma_min is not None else prior.sigma_min
-    return get_schedule(opts.schedule, opts.steps, sigma_min=s_min, sigma_max=s_max).to(device)
+    return solver_sigmas(opts.schedule, opts.steps, prior, opts.sigma_min,
+                         opts.sigma_max).to(device)
 
 
 def dds_loop(z: Tensor, sigmas: Tensor, denoise: Callable, consistency: Callable,

@@ -20,7 +20,6 @@ official update for a VP model with fixed posterior variance ("fixedsmall"); thi
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -28,29 +27,9 @@ from torch import Tensor
 
 from .base import SolveContext, Solver
 from .common import ddim_fresh_fraction, operator_norm, renoise, tweedie
-from .schedules import SCHEDULES, get_schedule, vp_alpha
+from .schedules import solver_sigmas, vp_alpha
 
 STEP_SCALES = ("vp", "none")
-
-
-def solver_sigmas(schedule: str, steps: int, prior, sigma_min: float | None,
-                  sigma_max: float | None) -> Tensor:
-    """Decreasing float64 sigmas (last 0) for a solver's options.
-
-    Bounds default to the prior's trained range for schedules that take them (karras,
-    geometric); the "vp" schedule is fixed by the discrete training chain and refuses them.
-    (Candidate for common.py.)
-    """
-    fn = SCHEDULES.get(schedule)
-    params = inspect.signature(fn).parameters if fn is not None else {}
-    if "sigma_max" not in params:
-        if fn is not None and (sigma_min is not None or sigma_max is not None):
-            raise ValueError(f"schedule {schedule!r} is fixed by its training chain; "
-                             "sigma_min / sigma_max apply only to karras and geometric")
-        return get_schedule(schedule, steps)
-    return get_schedule(schedule, steps,
-                        sigma_min=prior.sigma_min if sigma_min is None else sigma_min,
-                        sigma_max=prior.sigma_max if sigma_max is None else sigma_max)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .base import SolveContext, Solver
 from .common import bdot, cg, tweedie
-from .dps import solver_sigmas
+from .schedules import solver_sigmas
 
 NOTE = ("RED-diff returns a MAP-like point estimate per seed; the spread of its samples "
         "reflects only the optimiser's random draws, not posterior uncertainty.")

@@ -7,6 +7,7 @@ prior adapters only.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -82,3 +83,22 @@ def get_schedule(name: str, steps: int, **kwargs) -> Tensor:
         valid = ", ".join(sorted(SCHEDULES))
         raise ValueError(f"unknown schedule {name!r}; valid: {valid}") from None
     return fn(steps, **kwargs)
+
+
+def solver_sigmas(schedule: str, steps: int, prior, sigma_min: float | None,
+                  sigma_max: float | None) -> Tensor:
+    """Decreasing float64 sigmas (last 0) for a solver's options.
+
+    Bounds default to the prior's trained range for schedules that take them (karras,
+    geometric); the "vp" schedule is fixed by the discrete training chain and refuses them.
+    """
+    fn = SCHEDULES.get(schedule)
+    params = inspect.signature(fn).parameters if fn is not None else {}
+    if "sigma_max" not in params:
+        if fn is not None and (sigma_min is not None or sigma_max is not None):
+            raise ValueError(f"schedule {schedule!r} is fixed by its training chain; "
+                             "sigma_min / sigma_max apply only to karras and geometric")
+        return get_schedule(schedule, steps)
+    return get_schedule(schedule, steps,
+                        sigma_min=prior.sigma_min if sigma_min is None else sigma_min,
+                        sigma_max=prior.sigma_max if sigma_max is None else sigma_max)

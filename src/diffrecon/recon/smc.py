@@ -45,7 +45,6 @@ Physics: a LinearPhysics shared by all measurements that broadcasts over the par
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -73,7 +72,7 @@ from .common import (
     systematic_resample,
 )
 from .reconstruction import Reconstruction
-from .schedules import SCHEDULES, get_schedule
+from .schedules import solver_sigmas
 
 PROPOSALS = ("gaussian", "twisted", "bootstrap")
 _LOG_2PI = math.log(2 * math.pi)
@@ -122,14 +121,6 @@ class SMCOptions:
 
 
 # ---------------------------------------------------------------------------- small pieces
-def _schedule(name: str, steps: int, sigma_min: float, sigma_max: float) -> Tensor:
-    """get_schedule, passing sigma_min / sigma_max only to schedules that take them (the
-    "vp" respacing fixes its own range)."""
-    params = inspect.signature(SCHEDULES[name]).parameters if name in SCHEDULES else {}
-    kw = {k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)) if k in params}
-    return get_schedule(name, steps, **kw)
-
-
 def systematic_draws(log_weights: Tensor, m: int, uniform: Tensor) -> Tensor:
     """m ancestor indices by systematic resampling of (N,) log-weights (any m, so m > N
     draws with replacement); particle i is drawn floor(m w_i) or ceil(m w_i) times.
@@ -227,9 +218,7 @@ class SMCSolver(Solver):
         sigma_y = noise_sigma(physics)
         if sigma_y == 0 and o.kappa == 0:
             raise InputError("smc: option kappa must be > 0 when physics.noise_model.sigma is 0.")
-        s_max = o.sigma_max if o.sigma_max is not None else prior.sigma_max
-        s_min = o.sigma_min if o.sigma_min is not None else prior.sigma_min
-        sigmas = _schedule(o.schedule, o.steps, s_min, s_max)
+        sigmas = solver_sigmas(o.schedule, o.steps, prior, o.sigma_min, o.sigma_max)
         sigmas = sigmas.to(device=y.device, dtype=y.dtype)
         entropy = measurement_entropy(seed, y.shape[0])
         runs = []
