@@ -95,7 +95,8 @@ def save_figure(result: str | os.PathLike | dict[str, Any], out_png: str | os.Pa
             img, cmap, lo, hi = panels[name]
             ax = axes[row, col]
             im = ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi)
-            ax.set_title(f"{name} (slice {s})", fontsize=9)
+            note = " - 1 sample, no spread" if name == "std" and not img.any() else ""
+            ax.set_title(f"{name} (slice {s}){note}", fontsize=9)
             ax.axis("off")
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle("\n".join(t for t in (label, title) if t), fontsize=10)

@@ -535,7 +535,7 @@ def demo(
     progress = TqdmProgress(1, quiet=quiet)
     try:
         pipeline.reconstruct_file(scan, result, solver=chosen, steps=steps, overwrite=True,
-                                  progress=progress)
+                                  samples=1 if quick else 4, progress=progress)
     finally:
         progress.close()
     metrics = evaluate_file(result, scan)
