@@ -216,3 +216,17 @@ def test_help_explains_units_and_defaults():
         assert needle in text
     assert "DEGREES" in ok(["simulate", "ct", "--help"]).stdout
     assert "--list" in ok(["bench", "--help"]).stdout
+
+
+def test_train_prior_cli_resumes_and_reports(tmp_path):
+    out = tmp_path / "prior"
+    args = ["train-prior", "-o", out, "--steps", "3", "--batch-size", "2", "--crop", "16",
+            "--checkpoint-every", "1", "--report", "1", "-q"]
+    res = ok(args)
+    assert (out / "prior.pt").exists() and (out / "checkpoint.pt").exists()
+    assert "| 0.1 |" in res.stdout
+    from diffrecon.priors import load_network_prior
+
+    first = load_network_prior(out / "prior.pt").checksum
+    ok(args)  # already at 3 steps: resumes and changes nothing
+    assert load_network_prior(out / "prior.pt").checksum == first

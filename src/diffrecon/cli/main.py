@@ -574,11 +574,17 @@ def train_prior_cmd(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:INDEX.")
                       ] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of data stream and init.")] = 0,
+    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (bf16/fp16 autocast; "
+                                      "CUDA only, ignored on CPU).")] = False,
+    report: Annotated[int, typer.Option("--report", help="Held-out 'val' phantoms for the "
+                                        "final denoising report (PSNR vs sigma; phantom "
+                                        "families only; 0 = none).")] = 4,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress log.")] = False,
 ):
     """Train a U-Net denoiser prior with the EDM loss (thin over
-    diffrecon.priors.training.train_prior); resumable."""
-    from diffrecon.priors.training import train_prior
+    diffrecon.priors.training.train_prior); resumable. Ends with a denoising report on the
+    validation split."""
+    from diffrecon.priors.training import denoising_report, report_table, train_prior
 
     fam: Any = family[0] if len(family) == 1 else family
     ch = channels if channels is not None else (2 if fam == "mri" else 1)
@@ -591,8 +597,14 @@ def train_prior_cmd(
     prior = train_prior(output_dir, family=fam, channels=ch, name=name, crop=crop,
                         batch_size=batch_size, steps=steps, lr=lr, base=base,
                         checkpoint_every=checkpoint_every, resume=resume, device=device,
-                        seed=seed, callback=log)
+                        seed=seed, amp=amp, callback=log)
     typer.echo(f"wrote {output_dir / 'prior.pt'} (sha256 {prior.checksum})")
+    if report > 0 and fam in ("ellipses", "mri"):
+        size = max(crop, 64)
+        table = report_table(denoising_report(prior, fam, n=report, size=size, split="val",
+                                              baseline=False))
+        typer.echo(f"denoising PSNR on {report} held-out 'val' {fam} phantoms ({size} px):")
+        typer.echo(table)
 
 
 def _benchmarks_dir() -> Path:
