@@ -101,8 +101,20 @@ def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def _make_parent(path: Path) -> Path:
+    """Create the output's directory (mkdir -p), as a user expects of `-o study/scan.h5`."""
+    if path is not None and not path.parent.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot create directory {path.parent}: {exc.strerror}",
+                                     param_hint="'-o' / '--output'") from None
+    return path
+
+
 def _out_option(help_text: str):
-    return typer.Option("-o", "--output", help=help_text)
+    return typer.Option("-o", "--output", help=help_text + " Missing directories are created.",
+                        callback=_make_parent)
 
 
 # --------------------------------------------------------------------------- simulate
