@@ -882,7 +882,8 @@ def reconstruct_many(inputs: Sequence[str | os.PathLike], output: str | os.PathL
                 local = [item for part in gathered for item in part]
             records = [r for _, r in sorted(local, key=lambda t: t[0])]
     finally:
-        if owned:
+        if owned:  # barrier first: a rank tearing gloo down while its peer is still inside
+            torch.distributed.barrier()  # the last collective aborts the peer (SIGABRT)
             torch.distributed.destroy_process_group()
     errors = [r for r in records if r[0] == "error"]
     if errors:
