@@ -93,8 +93,8 @@ app.add_typer(simulate_app, name="simulate")
 def _root(debug: Annotated[bool, typer.Option(
         "--debug", help="Show tracebacks for internal errors (also DIFFRECON_DEBUG=1).")] = False):
     """Posterior sampling for imaging inverse problems with diffusion priors."""
-    if debug:
-        os.environ["DIFFRECON_DEBUG"] = "1"
+    # --debug is read from argv by OneLineErrors (_debug); it must not leak into the
+    # environment, where it would outlive this invocation in-process (tests, notebooks).
 
 
 def _print_json(obj: Any) -> None:
