@@ -524,7 +524,7 @@ def report(results: list[dict], argv, quick: bool) -> str:
 def collect(out: Path) -> list[dict]:
     """Results of ``<out>/<task>.json``, in task order; rows of ``<out>/*/<task>.json``
     (supplementary runs, e.g. ``--solvers smc --out <out>/smc``) with the same size and
-    slice count are appended when their label is new."""
+    slice count are appended when their label is new, or replace a failed row."""
     results = []
     for name in TASKS:
         files = [out / f"{name}.json"] + sorted(out.glob(f"*/{name}.json"))
@@ -532,14 +532,16 @@ def collect(out: Path) -> list[dict]:
         if not found:
             continue
         main_res = found[0]
-        labels = {r["label"] for r in main_res["rows"]}
+        rows = main_res["rows"]
         for extra in found[1:]:
             if (extra["size"], extra["slices"]) != (main_res["size"], main_res["slices"]):
                 continue
             for r in extra["rows"]:
-                if r["label"] not in labels:
-                    main_res["rows"].append(r)
-                    labels.add(r["label"])
+                at = [i for i, old in enumerate(rows) if old["label"] == r["label"]]
+                if not at:
+                    rows.append(r)
+                elif "error" in rows[at[0]] and "error" not in r:
+                    rows[at[0]] = r
         results.append(main_res)
     return results
 
@@ -568,6 +570,7 @@ def main(argv=None) -> str:
                         f"temporary folder)")
     p.add_argument("--collect", action="store_true",
                    help="only rebuild tables.md from the JSON files in --out")
+    p.add_argument("--notes", default=None, help="markdown file appended to the report")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     setup(a.threads)
@@ -603,6 +606,8 @@ def main(argv=None) -> str:
             results.append(run_task(task, configs, size, slices, out,
                                     log=lambda m: print(m, file=sys.stderr, flush=True)))
     text = report(results, argv, a.quick)
+    if a.notes:
+        text += "\n\n### Notes\n\n" + Path(a.notes).read_text().strip()
     tmp = out / "tables.md.tmp"
     tmp.write_text(text + "\n")
     os.replace(tmp, out / "tables.md")
