@@ -180,5 +180,21 @@ def gmm_metrics(samples: Tensor, posterior, x_ref_seed: int, *, mean: Tensor | N
             "mean_err": float((m_hat - post.mean()).norm())}
 
 
+def pooled_smc_run(solver, y: Tensor, physics, prior, samples: int, n: int, seed: int):
+    """The protocol's SMC sample set: ``k = ceil(samples / n)`` INDEPENDENT runs of ``n``
+    particles pooled (algorithms.md's reference figures pool 2 runs of N = 1000 into 2000
+    samples; drawing 2000 from one cloud of 1000 would duplicate points and compare ~1000
+    distinct samples against a 2000-vs-2000 floor). Runs are rows of one batched solve
+    (``y`` repeated; each row has its own generator). Returns (samples (k * (samples // k),
+    d), pooled weighted mean (d,), mean final ESS / n, Reconstruction)."""
+    k = -(-samples // n)
+    rec = solver.solve(y.expand(k, *y.shape[1:]).contiguous(), physics, prior,
+                       num_samples=samples // k, seed=seed)
+    pooled = rec.samples.transpose(0, 1).reshape(-1, *rec.samples.shape[2:])
+    ess = sum(rec.info["final_ess"]) / (k * n)
+    return pooled, rec.mean.mean(0), ess, rec
+
+
 __all__ = ["NAN", "REPO", "SEED0", "cpu_model", "fmt", "fmt_ms", "git_commit", "gmm_metrics",
-           "header", "markdown_table", "mean_spread", "nice", "parse_table", "setup", "versions"]
+           "header", "markdown_table", "mean_spread", "nice", "parse_table", "pooled_smc_run",
+           "setup", "versions"]

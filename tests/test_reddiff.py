@@ -157,3 +157,20 @@ def test_image_smoke_blur():
     p_meas = psnr(x_true[0, 0].numpy(), y[0, 0].numpy(), maxval=1.0)
     p_rec = psnr(x_true[0, 0].numpy(), rec.mean[0, 0].numpy(), maxval=1.0)
     assert p_rec > p_meas + 5.0, (p_meas, p_rec)
+
+
+def test_measured_entries_counts_only_sampled_kspace():
+    """lam's m counts entries that carry data: 8-coil k-space on 16 of 32 columns -> 8 * 2 *
+    32 * 16 (real, imag), not the stored 8 * 2 * 32 * 32; a blur counts every entry."""
+    from diffrecon import operators
+    from diffrecon.recon.common import measured_entries
+
+    mask = torch.zeros(32, dtype=torch.bool)
+    mask[::2] = True
+    g = torch.Generator().manual_seed(3)
+    maps = torch.complex(torch.randn(8, 32, 32, generator=g), torch.randn(8, 32, 32, generator=g))
+    physics = operators.mri(mask, maps, img_size=(32, 32))
+    like = torch.zeros(1, dtype=torch.float32)
+    assert measured_entries(physics, (2, 32, 32), like) == 8 * 2 * 32 * 16
+    blur = dinv.physics.BlurFFT(img_size=(1, 16, 16), filter=torch.ones(1, 1, 3, 3) / 9)
+    assert measured_entries(blur, (1, 16, 16), like) == 16 * 16

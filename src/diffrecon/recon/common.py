@@ -58,6 +58,17 @@ def renoise(x0: Tensor, eps: Tensor, sigma_next: Tensor, fresh_fraction: Tensor,
     return x0 + sigma_next.to(x0.dtype) * (f.sqrt() * noise + (1 - f).sqrt() * eps)
 
 
+def measured_entries(physics, signal_shape: tuple[int, ...], like: Tensor) -> int:
+    """Entries of one measurement that carry data: the nonzero entries of A(u) for a fixed
+    pseudo-random u of shape (1, *signal_shape). Off-mask k-space or inpainting holes are
+    structurally zero and do not count (a fully sampled operator counts every entry). One
+    operator call and one host sync: call it at set-up, not inside a step loop."""
+    u = torch.randn((1, *signal_shape), generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64).to(like.device, like.dtype)
+    with torch.no_grad():
+        return int((physics.A(u) != 0).sum().item())
+
+
 def cg(apply_A: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None = None,
        iters: int = 5, tol: float = 0.0) -> Tensor:
     """Conjugate gradients for a batch of SPD systems A x = b (one system per row).

@@ -12,9 +12,11 @@ with SUMS over measurement entries and pixels (the reference code averages both 
 In this convention lam weighs the prior against the Bayesian data term. The default
 (``lam=None``) is the reference code's balance, grad_term_weight 0.25 with mean-normalised
 terms, converted to sums for each problem: lam = paper_equivalent_lam(0.25, m, n, sigma_y)
-= 0.25 m / (n sigma_y^2) (100 for a deblur at sigma_y = 0.05). A fixed lam = 0.25 with sums
-regularises far too weakly on images (a 32 px deblur at sigma_y = 0.05 came out below the
-measurement's PSNR; the reference balance gave +10 dB).
+= 0.25 m / (n sigma_y^2) (100 for a deblur at sigma_y = 0.05), m counting only the
+measurement entries that carry data (``measured_entries``: multi-coil k-space stores zeros
+off the sampling mask, which would otherwise inflate lam by the acceleration). A fixed
+lam = 0.25 with sums regularises far too weakly on images (a 32 px deblur at sigma_y = 0.05
+came out below the measurement's PSNR; the reference balance gave +10 dB).
 No network Jacobian; the data-term gradient comes from autograd through A (any
 differentiable physics). With the "linear" weighting lambda_t = lam * sigma_t the prior
 gradient is exactly the RED residual lam * (mu - D(z, sigma_t)).
@@ -39,7 +41,7 @@ from deepinv.physics import LinearPhysics, Physics
 from torch import Tensor
 
 from .base import SolveContext, Solver
-from .common import bdot, cg, tweedie
+from .common import bdot, cg, measured_entries, tweedie
 from .schedules import solver_sigmas
 
 NOTE = ("RED-diff returns a MAP-like point estimate per seed; the spread of its samples "
@@ -139,7 +141,8 @@ class REDDiffSolver(Solver):
         lo, hi = ctx.prior.data_range
         lr, sigma_y = o.lr * (hi - lo) / 2, max(ctx.sigma_y, o.sigma_y_floor)
         lam = o.lam if o.lam is not None else paper_equivalent_lam(
-            o.lam_reference, y[0].numel(), math.prod(ctx.signal_shape), sigma_y)
+            o.lam_reference, measured_entries(ctx.physics, ctx.signal_shape, y),
+            math.prod(ctx.signal_shape), sigma_y)
         weights = (lam * WEIGHTINGS[o.weighting](sigmas)).to(y.dtype)
         with torch.no_grad():
             mu = pseudo_inverse(ctx.physics, y, ctx.signal_shape, o.cg_iters)
