@@ -118,15 +118,18 @@ class DDSOptions:
     Gaussian posterior of x given x0_hat ~ N(x, r_t^2 I) (Tweedie error r_t ~ sigma_t, capped
     by the data's own spread) and y ~ N(A x, sigma_y^2 I); it tends to the noiseless system as
     sigma_y -> 0. eta and
-    noise_convention: fresh-noise fraction (module docstring); the default eta = 1.0 with
-    "ddim" is the DDPM-ancestral amount; eta = 0.85 with "reference" reproduces the paper.
+    noise_convention: fresh-noise fraction (module docstring); the default is the paper's
+    (eta = 0.85, "reference": 72% fresh variance per step). On held-out validation phantoms
+    (64 px, DDS 50) it beat standard DDIM eta = 1.0 by +0.5 dB on MRI 4x, +0.6 dB on MRI
+    Poisson 8x, +0.5 dB on CT 8 views, +0.1 dB on SR x4 and deblur; smaller DDIM eta (0.5, 0)
+    was worse still (-1.6 / -2.4 dB on MRI 4x).
     """
 
     steps: int = 50                 # paper: 50 NFE
     cg_iters: int = 5               # paper: M = 5
     gamma: float | str = "auto"     # paper: 1.0 (fixed); "auto" = min(sigma_t, sd)^2 / sigma_y^2
-    eta: float = 1.0                # paper: 0.85 in the "reference" convention
-    noise_convention: str = "ddim"  # paper: "reference"
+    eta: float = 0.85               # paper: 0.85 (in the "reference" convention)
+    noise_convention: str = "reference"  # paper: "reference"; "ddim" = standard DDIM eta
     schedule: str = "karras"        # paper: VP DDIM respacing ("vp")
     sigma_max: float | None = None  # None -> prior.sigma_max
     sigma_min: float | None = None  # None -> prior.sigma_min
@@ -207,8 +210,8 @@ class DDS3DOptions:
     cg_iters: int = 5               # paper: 5
     rho: float = 10.0               # paper: 10
     lam: float = 0.04               # paper: 0.04 sparse-view, 0.4 limited-angle
-    eta: float = 1.0                # paper: 0.85 in the "reference" convention
-    noise_convention: str = "ddim"  # paper: "reference"
+    eta: float = 0.85               # paper: 0.85 (in the "reference" convention)
+    noise_convention: str = "reference"  # paper: "reference"; "ddim" = standard DDIM eta
     schedule: str = "karras"
     sigma_max: float | None = None
     sigma_min: float | None = None
