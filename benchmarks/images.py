@@ -24,8 +24,8 @@ MRI scans store the true coil maps (no ESPIRiT error in the comparison). Priors:
 ``phantom-mri`` (MRI) and ``phantom-ct`` (CT and images, trained on ellipses).
 
 Solvers: DDS 20/50/100 steps, DPS 100/300/1000, RED-diff 50/100/300, SMC gaussian proposal
-N = 16/64 with 50 steps, each with its default options (one posterior draw, except "DDS 50
-x4": 4 draws, metrics of their mean); deepinv 0.5's DPS (100 steps) and DiffPIR (100 steps,
+N = 16/64 with 50 steps, each with its default options (one posterior draw, except "DDS s
+x4": 4 draws, metrics of their mean; ``--dds-x4`` picks s, default 50); deepinv 0.5's DPS (100 steps) and DiffPIR (100 steps,
 zeta 0.1, lambda 7) with the same prior wrapped as a deepinv denoiser on [0, 1] (see
 :class:`UnitDenoiser`); classical baselines: zero-filled / A^T y, CG (least squares, 30
 iterations from 0), FBP (CT), L1-wavelet (MRI) and TV, the regularised ones at several
@@ -189,12 +189,13 @@ SMC_CG_ITERS = 20   # CG iterations per S-solve (default 50; cut for the CPU bud
 
 
 def diffusion_configs(modality: str, dds=(20, 50, 100), dps=(100, 300, 1000),
-                      reddiff=(50, 100, 300), smc=(16, 64), deepinv=(100,)) -> list[Config]:
-    """The diffusion rows of a task (module docstring); options not given are defaults."""
+                      reddiff=(50, 100, 300), smc=(16, 64), deepinv=(100,),
+                      dds_x4=(50,)) -> list[Config]:
+    """The diffusion rows of a task (module docstring); options not given are defaults.
+    ``dds_x4``: step counts of the "DDS s x4" rows (mean of 4 draws)."""
     zeta = DPS_ZETA[modality]
     rows = [Config(f"DDS {s}", "dds", "dds", s) for s in dds]
-    if 50 in dds:
-        rows.append(Config("DDS 50 x4", "dds", "dds", 50, samples=4))
+    rows += [Config(f"DDS {s} x4", "dds", "dds", s, samples=4) for s in dds_x4]
     rows += [Config(f"DPS {s}", "dps", "dps", s, options={"zeta": zeta}) for s in dps]
     rows += [Config(f"RED-diff {s}", "reddiff", "reddiff", s) for s in reddiff]
     rows += [Config(f"SMC N={n}", "smc", "smc", 50, samples=4,
@@ -560,6 +561,8 @@ def main(argv=None) -> str:
     p.add_argument("--smc-particles", type=int, nargs="*", default=[16, 64],
                    help="particle counts of the SMC rows (none: no SMC rows)")
     p.add_argument("--dds-steps", type=int, nargs="*", default=[20, 50, 100])
+    p.add_argument("--dds-x4", type=int, nargs="*", default=[50],
+                   help="step counts of the 'DDS s x4' rows (mean of 4 draws)")
     p.add_argument("--reddiff-steps", type=int, nargs="*", default=[50, 100, 300])
     p.add_argument("--deepinv", nargs="*", choices=["dps", "diffpir"],
                    default=["dps", "diffpir"], help="deepinv samplers to run (100 steps)")
@@ -592,7 +595,7 @@ def main(argv=None) -> str:
         def build(m):
             rows = diffusion_configs(m, dds=tuple(a.dds_steps), dps=tuple(a.dps_steps),
                                      reddiff=tuple(a.reddiff_steps),
-                                     smc=tuple(a.smc_particles))
+                                     smc=tuple(a.smc_particles), dds_x4=tuple(a.dds_x4))
             return BASELINES[m] + [r for r in rows if r.family != "deepinv"
                                    or r.solver in a.deepinv]
     results = []
