@@ -178,13 +178,14 @@ def main(argv=None) -> str:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--steps", type=int, default=None, help="override every sampler's steps")
+    p.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     setup(a.threads)
     if a.quick:
         a.d, a.dy, a.seeds, a.samples, a.steps = [8], [2], 1, 500, a.steps or 20
     seeds = [SEED0 + 10 * i for i in range(a.seeds)]
-    rows = rows_for(a.d, a.dy, seeds, a.samples, a.steps)
+    rows = rows_for(a.d, a.dy, seeds, a.samples, a.steps, tuple(a.samplers))
     text = "\n\n".join([
         "## deepinv samplers on the GMM exactness problems", header(),
         f"Command: `python benchmarks/gmm_deepinv.py {' '.join(argv or [])}`".replace(" `", "`"),

@@ -23,13 +23,14 @@ Tasks (64 px, ``--slices`` slices each, noise stds in units where the image max 
 MRI scans store the true coil maps (no ESPIRiT error in the comparison). Priors: shipped
 ``phantom-mri`` (MRI) and ``phantom-ct`` (CT and images, trained on ellipses).
 
-Solvers: DDS 20/50/100 steps, DPS 100/300/1000, RED-diff 50/100/300, SMC gaussian proposal
-N = 16/64 with 50 steps, each with its default options (one posterior draw, except "DDS s
-x4": 4 draws, metrics of their mean; ``--dds-x4`` picks s, default 50); deepinv 0.5's DPS (100 steps) and DiffPIR (100 steps,
-zeta 0.1, lambda 7) with the same prior wrapped as a deepinv denoiser on [0, 1] (see
-:class:`UnitDenoiser`); classical baselines: zero-filled / A^T y, CG (least squares, 30
-iterations from 0), FBP (CT), L1-wavelet (MRI) and TV, the regularised ones at several
-weights (chosen on the test slices themselves: an oracle choice that FAVOURS the baselines).
+Solvers: DDS 20/50/100 steps, DPS 100/300/1000, RED-diff 50/100/300, SMC gaussian proposal N
+= 16/64 with 50 steps, each with its default options (one posterior draw, except "DDS s x4":
+4 draws, metrics of their mean; ``--dds-x4`` picks s, default 50); deepinv 0.5's DPS (100
+steps) and DiffPIR (100 steps, zeta 0.1, lambda 7) with the same prior wrapped as a deepinv
+denoiser on [0, 1] (see :class:`UnitDenoiser`); classical baselines: zero-filled / A^T y, CG
+(least squares, 30 iterations from 0), FBP (CT), L1-wavelet (MRI) and TV, the regularised
+ones at several weights (chosen on the test slices themselves: an oracle choice that FAVOURS
+the baselines).
 Coverage: fraction of pixels (both channels for MRI, prior layout, data units) whose true
 value lies in mean +- 1.64 std, for solvers with >= 4 draws or particles; "std / RMSE" is
 the mean posterior std over the root mean squared error (1 = calibrated width on average).
