@@ -319,6 +319,8 @@ def run_config(task: Task, cfg: Config, path: Path, prior, gt: np.ndarray, probl
            "samples": cfg.samples, "options": cfg.options, "nfe": int(nfe),
            "time_s": [float(t) for t in times], "total_s": time.perf_counter() - t0}
     samples = cfg.samples if cfg.family != "smc" else cfg.options.get("num_particles", 1)
+    if not np.isfinite(mean).all():  # skimage's PSNR of a NaN image is inf: never score it
+        raise FloatingPointError(f"{cfg.label} returned non-finite values")
     row.update(scores(task, gt, mean, std, samples))
     row["_mean0"], row["_std0"] = mean[0], (None if std is None else std[0])
     return row
