@@ -206,6 +206,8 @@ def diffusion_configs(modality: str, dds=(20, 50, 100), dps=(100, 300, 1000),
     for s in deepinv:
         rows += [Config(f"deepinv DPS {s}", "deepinv", "dps", s, options={"weight": zeta}),
                  Config(f"deepinv DiffPIR {s}", "deepinv", "diffpir", s)]
+        if modality == "image":  # DDRM needs an SVD: circular blur only (svd_physics)
+            rows.append(Config(f"deepinv DDRM {s}", "deepinv", "ddrm", s))
     return rows
 
 
@@ -235,13 +237,32 @@ class UnitDenoiser(torch.nn.Module):
     def forward(self, u, sigma, *args, **kwargs):
         s = torch.as_tensor(sigma, dtype=u.dtype, device=u.device).reshape(-1)
         s = s.expand(u.shape[0]) if s.numel() == 1 else s
-        d = self.prior.denoise((self.lo + self.span * u).float(), (self.span * s).float())
+        # deepinv's DDRM ends its schedule at sigma = 0, where an EDM network's log(sigma)
+        # conditioning is -inf (NaN image): denoise at the prior's sigma_min instead (~identity)
+        s_x = (self.span * s).float().clamp_min(float(self.prior.sigma_min))
+        d = self.prior.denoise((self.lo + self.span * u).float(), s_x)
         return ((d - self.lo) / self.span).to(u.dtype)
 
 
+def svd_physics(physics, sigma_u: float, img_size):
+    """The deepinv ``DecomposablePhysics`` DDRM needs: ``BlurFFT`` with the same kernel for a
+    circular blur of (C, H, W) images (equal to the task's operator to 1e-6), noise
+    ``sigma_u``. Other operators (multi-coil MRI, CT, bicubic SR) have no cheap SVD here:
+    ValueError."""
+    import deepinv as dinv
+
+    kernel = getattr(physics, "filter", None)
+    if kernel is None or not isinstance(physics, dinv.physics.Blur):
+        raise ValueError(f"DDRM needs an SVD (DecomposablePhysics); {type(physics).__name__} "
+                         f"has none here")
+    return dinv.physics.BlurFFT(img_size=tuple(img_size), filter=kernel,
+                                noise_model=dinv.physics.GaussianNoise(sigma_u))
+
+
 def run_deepinv(name: str, steps: int, y, physics, prior, seed: int, weight: float = 1.0):
-    """One draw (1, C, H, W) in prior units from deepinv's ``name`` ("dps" | "diffpir") on
-    the problem mapped to [0, 1]: y_u = (y - A(lo 1)) / span, noise sigma_y / span."""
+    """One draw (1, C, H, W) in prior units from deepinv's ``name`` ("dps" | "diffpir" |
+    "ddrm") on the problem mapped to [0, 1]: y_u = (y - A(lo 1)) / span, noise sigma_y /
+    span."""
     import deepinv as dinv
 
     den = UnitDenoiser(prior)
@@ -252,6 +273,11 @@ def run_deepinv(name: str, steps: int, y, physics, prior, seed: int, weight: flo
                                       noise_model=dinv.physics.GaussianNoise(sigma_u),
                                       max_iter=20)  # CG iterations of DiffPIR's prox
     torch.manual_seed(seed)
+    if name == "ddrm":
+        with torch.no_grad():
+            model = dinv.sampling.DDRM(den, sigmas=np.linspace(1, 0, steps))
+            u = model(y_u, svd_physics(physics, sigma_u, shape[1:]), seed=seed)
+        return (den.lo + den.span * u).detach()
     if name == "dps":
         model = dinv.sampling.DPS(den, num_steps=steps, weight=weight, dtype=torch.float32,
                                   rng=torch.Generator().manual_seed(seed))
@@ -567,8 +593,9 @@ def main(argv=None) -> str:
     p.add_argument("--dds-x4", type=int, nargs="*", default=[50],
                    help="step counts of the 'DDS s x4' rows (mean of 4 draws)")
     p.add_argument("--reddiff-steps", type=int, nargs="*", default=[50, 100, 300])
-    p.add_argument("--deepinv", nargs="*", choices=["dps", "diffpir"],
-                   default=["dps", "diffpir"], help="deepinv samplers to run (100 steps)")
+    p.add_argument("--deepinv", nargs="*", choices=["dps", "diffpir", "ddrm"],
+                   default=["dps", "diffpir", "ddrm"],
+                   help="deepinv samplers to run (100 steps; DDRM on the blur tasks only)")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--slices", type=int, default=2)
     p.add_argument("--out", default=None,
