@@ -1,13 +1,14 @@
 """Run the benchmark scripts and write one results file with provenance.
 
-    python benchmarks/run_all.py [--quick] [--out benchmarks/RESULTS.md] [--others]
+    python benchmarks/run_all.py [--quick] [--out benchmarks/RESULTS.run_all.md] [--others]
 
 Runs gmm_table (which includes deepinv's samplers via gmm_deepinv), speed and uncertainty
 in-process with ``--quick`` when given, and writes the machine header, the commands and every
 table to ``--out`` atomically (temporary file, then rename). ``--others`` also runs the other
 benchmark scripts present in benchmarks/ (gmm_smc, gmm_dds, gmm_dps_reddiff, denoise_prior)
-as subprocesses and appends their output. Image-quality tables are not produced here: the
-file keeps a placeholder saying so.
+as subprocesses and appends their output. Image-quality tables are not re-run here (hours of
+CPU): a full run embeds the last ``benchmarks/images.py`` tables. ``benchmarks/RESULTS.md`` is
+the curated summary (target table, diagnoses) assembled from these outputs by hand.
 """
 
 from __future__ import annotations
@@ -26,10 +27,19 @@ from benchmarks.common import REPO, header, nice, setup  # noqa: E402
 
 SCRIPTS = {"gmm_table": gmm_table.main, "speed": speed.main, "uncertainty": uncertainty.main}
 OTHERS = ("gmm_smc", "gmm_dds", "gmm_dps_reddiff", "denoise_prior")
-IMAGE_QUALITY = """## Image quality (PSNR / SSIM on MRI, CT, deblurring)
+IMAGES_TABLES = REPO / "benchmarks" / "images_results" / "tables.md"
 
-Not yet measured. These tables are added by the lead from the trained priors; no numbers
-are given here."""
+
+def image_quality_section(quick: bool) -> str:
+    """Image-quality tables are not re-run here (hours of CPU): the last ``images.py`` output
+    is embedded in a full run; a --quick run only points to it."""
+    if quick or not IMAGES_TABLES.is_file():
+        return ("## Image quality (table 2)\n\nNot re-run by run_all: "
+                "`python benchmarks/images.py` regenerates it (hours on CPU; `--quick` is its "
+                "smoke version); its last full tables are in "
+                "`benchmarks/images_results/tables.md`.")
+    return (IMAGES_TABLES.read_text().strip() + "\n\n(Embedded from the last "
+            "`python benchmarks/images.py` run; run_all does not re-run it.)")
 
 
 def demote(text: str) -> str:
@@ -57,7 +67,9 @@ def run_others(quick: bool) -> list[str]:
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="run every script in --quick mode")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.run_all.md"),
+                   help="output file (default benchmarks/RESULTS.run_all.md; RESULTS.md is the "
+                        "curated summary built from these outputs and is not overwritten)")
     p.add_argument("--others", action="store_true", help="also run the other scripts")
     p.add_argument("--only", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS))
     p.add_argument("--threads", type=int, default=1)
@@ -76,7 +88,8 @@ def main(argv=None) -> str:
     doc = "\n\n".join([
         "# diffrecon benchmark results",
         ("Mode: --quick (CI smoke; numbers are NOT meaningful)" if a.quick else "Mode: full"),
-        header(), "Commands:\n\n" + "\n".join(commands), *sections, IMAGE_QUALITY]) + "\n"
+        header(), "Commands:\n\n" + "\n".join(commands), *sections,
+        image_quality_section(a.quick)]) + "\n"
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
