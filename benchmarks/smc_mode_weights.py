@@ -2,7 +2,7 @@
 mixture components, run after run, against the exact ones (RESULTS.md table 1b diagnosis).
 
     python benchmarks/smc_mode_weights.py [--d 80] [--dy 2] [--seed 1050] [--N 10000]
-        [--steps 100 400] [--runs 3] [--proposal gaussian]
+        [--steps 100 400] [--runs 3] [--proposal gaussian] [--quick]
 
 Per run: sum over particles of normalised weight x exact posterior responsibility of each
 component (no sampling noise from the final draw), the final ESS, and the exact weights.
@@ -28,7 +28,10 @@ def main(argv=None) -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--proposal", choices=PROPOSALS, default="gaussian")
     p.add_argument("--top", type=int, default=3, help="components shown")
+    p.add_argument("--quick", action="store_true", help="CI smoke: d = 8, N = 200, 10 steps")
     a = p.parse_args(argv)
+    if a.quick:
+        a.d, a.N, a.steps, a.runs = 8, 200, [10], 1
     torch.set_num_threads(1)
     prior, physics, y, _ = mcgdiff_problem(a.d, a.dy, a.seed)
     post = prior.posterior(physics, y)

@@ -641,7 +641,8 @@ def bench(
     import subprocess
 
     folder = _benchmarks_dir()
-    scripts = sorted(p for p in folder.glob("*.py") if not p.name.startswith("_"))
+    scripts = sorted(p for p in folder.glob("*.py")
+                     if not p.name.startswith("_") and p.stem != "common")  # common: a module
     if not scripts:
         raise InputError(f"no benchmark scripts found in {folder} (run from a source checkout)")
     if names:
