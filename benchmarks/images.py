@@ -26,8 +26,9 @@ MRI scans store the true coil maps (no ESPIRiT error in the comparison). Priors:
 Solvers: DDS 20/50/100 steps, DPS 100/300/1000, RED-diff 50/100/300, SMC gaussian proposal N
 = 16/64 with 50 steps, each with its default options (one posterior draw, except "DDS s x4":
 4 draws, metrics of their mean; ``--dds-x4`` picks s, default 50); deepinv 0.5's DPS (100
-steps) and DiffPIR (100 steps, zeta 0.1, lambda 7) with the same prior wrapped as a deepinv
-denoiser on [0, 1] (see :class:`UnitDenoiser`); classical baselines: zero-filled / A^T y, CG
+steps), DiffPIR (100 steps, zeta 0.1, lambda 7) and DDRM (100 steps; blur tasks only, it
+needs an SVD: :func:`svd_physics`) with the same prior wrapped as a deepinv denoiser on
+[0, 1] (see :class:`UnitDenoiser`); classical baselines: zero-filled / A^T y, CG
 (least squares, 30 iterations from 0), FBP (CT), L1-wavelet (MRI) and TV, the regularised
 ones at several weights (chosen on the test slices themselves: an oracle choice that FAVOURS
 the baselines).
