@@ -72,6 +72,14 @@ class Prior(torch.nn.Module):
         sigma = sigma_batch(sigma, x)
         return (self.denoise(x, sigma) - x) / expand_like(sigma, x) ** 2
 
+    def mmse(self, sigmas: Tensor) -> Tensor | None:
+        """Per-entry denoising error E||x0 - D(x0 + sigma n, sigma)||^2 / numel(x0) under the
+        prior, for each sigma of the 1-D tensor ``sigmas`` (float64, same shape), or None
+        when the prior cannot say. It is the isotropic part of Cov[x0 | z_sigma] that the
+        DDIM kernel leaves out (Analytic-DPM, Bao et al. 2022, arXiv 2201.06503); samplers
+        that add it back (SMC ``kernel_variance``) need it."""
+        return None
+
     @property
     def checksum(self) -> str:
         """sha256 of the parameters and buffers (hex); identifies the prior in provenance."""

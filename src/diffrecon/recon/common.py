@@ -58,6 +58,18 @@ def renoise(x0: Tensor, eps: Tensor, sigma_next: Tensor, fresh_fraction: Tensor,
     return x0 + sigma_next.to(x0.dtype) * (f.sqrt() * noise + (1 - f).sqrt() * eps)
 
 
+def ddim_kernel_variance(sigma: Tensor, sigma_next: Tensor, fresh_fraction: Tensor,
+                         x0_variance: Tensor | float = 0.0) -> Tensor:
+    """Isotropic variance of the DDIM transition z_next | z (``renoise``'s law):
+    f sigma_next^2 + c^2 x0_variance, c = 1 - sqrt(1 - f) sigma_next / sigma the weight of
+    x0_hat in its mean. x0_variance = 0 is plain DDIM (x0 treated as known); the prior's
+    per-entry MMSE at sigma (``Prior.mmse``) gives the Analytic-DPM variance (Bao et al.
+    2022), exact for a Gaussian prior. Without it 100 Karras steps shrink a unit-variance
+    prior to variance 0.86 (eta 1)."""
+    c = 1 - (1 - fresh_fraction).sqrt() * sigma_next / sigma
+    return fresh_fraction * sigma_next ** 2 + c ** 2 * x0_variance
+
+
 def measured_entries(physics, signal_shape: tuple[int, ...], like: Tensor) -> int:
     """Entries of one measurement that carry data: the nonzero entries of A(u) for a fixed
     pseudo-random u of shape (1, *signal_shape). Off-mask k-space or inpainting holes are

@@ -10,8 +10,14 @@ on chunks of ``chunk_size`` rows. Over a decreasing schedule sigma_T > ... > sig
                       log w += log p(z_s | z_t) + log G_s(z_s) - log G_t(z_t) - log r(z_s | z_t)
 
 in float64. The prior kernel is the DDIM Gaussian p(z_s | z_t) = N(m, v I) with
-x0_hat = D(z_t, sigma_t), eps_hat = (z_t - x0_hat) / sigma_t, v = f sigma_s^2
-(f = ddim_fresh_fraction(eta, ...)) and m = x0_hat + sqrt(sigma_s^2 - v) eps_hat.
+x0_hat = D(z_t, sigma_t), eps_hat = (z_t - x0_hat) / sigma_t, f = ddim_fresh_fraction(eta, ...),
+m = x0_hat + sqrt(1 - f) sigma_s eps_hat and v = f sigma_s^2 + c^2 gamma_t
+(``ddim_kernel_variance``; c = 1 - sqrt(1 - f) sigma_s / sigma_t). gamma_t = 0 is plain DDIM,
+which treats x0_hat as certain: its chain shrinks the prior (100 Karras steps: unit
+variance -> 0.86, a 2-3x floor error in the GMM sliced Wasserstein that no N removes).
+``kernel_variance="analytic"`` sets gamma_t = prior.mmse(sigma_t), the Analytic-DPM
+variance (Bao et al. 2022), exact for Gaussian priors; "auto" uses it when the prior
+provides ``mmse``.
 
 Final step (sigma_1 -> 0). The model's last kernel is p(x | z_1) = N(D(z_1, sigma_1),
 sigma_1^2 I): the forward process z_1 = x + sigma_1 n, with the small-noise Tweedie covariance
@@ -67,6 +73,7 @@ from .common import (
     bdot,
     cg,
     ddim_fresh_fraction,
+    ddim_kernel_variance,
     effective_sample_size,
     make_generators,
     systematic_resample,
@@ -75,6 +82,7 @@ from .reconstruction import Reconstruction
 from .schedules import solver_sigmas
 
 PROPOSALS = ("gaussian", "twisted", "bootstrap")
+KERNEL_VARIANCES = ("auto", "ddim", "analytic")
 _LOG_2PI = math.log(2 * math.pi)
 _CG_TOL = 1e-13      # relative residual at which a CG row is frozen
 _DENSE_MAX = 4096    # largest signal / measurement size of the dense path
@@ -98,6 +106,7 @@ class SMCOptions:
     num_particles: int = 256        # reference protocol: N = 1000
     proposal: str = "gaussian"      # "Krylov SMC"; TDS: "twisted"; FK steering: "bootstrap"
     kappa: float = 1.0              # MCGdiff: 1 (c_t^2 = sigma_y^2 + sigma_t^2 on z)
+    kernel_variance: str = "auto"   # references: "ddim"
     eta: float = 1.0                # reference protocol: 0.85
     ess_threshold: float = 0.5      # standard N/2 rule
     cg_iters: int = 50
@@ -112,6 +121,9 @@ class SMCOptions:
         if self.proposal not in PROPOSALS:
             raise InputError(f"smc: option proposal={self.proposal!r} is not one of "
                              f"{', '.join(PROPOSALS)}.")
+        if self.kernel_variance not in KERNEL_VARIANCES:
+            raise InputError(f"smc: option kernel_variance={self.kernel_variance!r} is not one "
+                             f"of {', '.join(KERNEL_VARIANCES)}.")
         if self.steps < 1 or self.num_particles < 1 or self.chunk_size < 1 or self.cg_iters < 1:
             raise InputError("smc: options steps, num_particles, chunk_size and cg_iters must "
                              "be >= 1.")
@@ -220,6 +232,7 @@ class SMCSolver(Solver):
             raise InputError("smc: option kappa must be > 0 when physics.noise_model.sigma is 0.")
         sigmas = solver_sigmas(o.schedule, o.steps, prior, o.sigma_min, o.sigma_max)
         sigmas = sigmas.to(device=y.device, dtype=y.dtype)
+        x0_var = self._x0_variance(prior, sigmas)
         entropy = measurement_entropy(seed, y.shape[0])
         runs = []
         with torch.no_grad():
@@ -227,8 +240,8 @@ class SMCSolver(Solver):
             for b in range(y.shape[0]):
                 gen = make_generators([entropy[b]], y.device)[0]
                 meas = _Measurement(cphys, y[b:b + 1], o.krylov, o.cg_iters, shape)
-                runs.append(self._run(meas, cprior, sigma_y, sigmas, shape, gen, num_samples,
-                                      callback, b))
+                runs.append(self._run(meas, cprior, sigma_y, sigmas, x0_var, shape, gen,
+                                      num_samples, callback, b))
         particles, log_w, samples, log_z, ess, resampled, final_ess, eves = zip(*runs, strict=True)
         n_vjp = o.steps - 1 if o.proposal == "twisted" else 0
         info = self._info(cphys, cprior, o.num_particles * y.shape[0], t0, {})
@@ -241,6 +254,7 @@ class SMCSolver(Solver):
             "log_normalizer": torch.stack(log_z).tolist(),
             "eves": torch.stack(eves).tolist(),                # (B, N) time-0 ancestor ids
             "vjp": n_vjp,
+            "kernel_variance": "ddim" if x0_var is None else "analytic",
         })
         rec = Reconstruction.from_particles(torch.stack(particles, 1), torch.stack(log_w, 1),
                                             torch.stack(samples, 1), info)
@@ -248,8 +262,22 @@ class SMCSolver(Solver):
             setattr(rec, name, getattr(rec, name).to(out_dtype))
         return rec
 
-    def _run(self, meas: _Measurement, prior, sigma_y: float, sigmas: Tensor, shape, gen,
-             num_samples: int, callback, b: int):
+    def _x0_variance(self, prior, sigmas: Tensor) -> Tensor | None:
+        """gamma_t per step (kernel_variance option) or None for plain DDIM; one prior call
+        before the step loop."""
+        mode = self.options.kernel_variance
+        if mode == "ddim":
+            return None
+        gamma = prior.mmse(sigmas[:-1])
+        if gamma is None:
+            if mode == "analytic":
+                raise InputError(f"smc: option kernel_variance='analytic' needs a prior with "
+                                 f"mmse(); {type(prior).__name__} has none (use 'ddim').")
+            return None
+        return torch.as_tensor(gamma).to(device=sigmas.device, dtype=sigmas.dtype)
+
+    def _run(self, meas: _Measurement, prior, sigma_y: float, sigmas: Tensor,
+             x0_var: Tensor | None, shape, gen, num_samples: int, callback, b: int):
         """One measurement's particle cloud. Returns (particles, log_w, samples, log Z,
         ESS per step, resampled per step, final ESS, eve indices), all tensors (no host
         sync). Eve indices give the Chan & Lai / Lee & Whiteley variance estimate of any
@@ -312,13 +340,15 @@ class SMCSolver(Solver):
                 callback({"i": i, "sigma": t, "x": z, "denoised": x0, "log_weights": log_w,
                           "measurement": b})
             if i == steps - 1:                         # exact final step, any proposal
-                v, c2 = t ** 2, torch.full_like(t, sigma_y ** 2)
+                v = t ** 2 if x0_var is None else x0_var[i]   # Var[x0 | z_1]
+                c2 = torch.full_like(t, sigma_y ** 2)
                 z, log_num = _chunked(partial(meas.gaussian_step, v=v, c2=c2), chunk, x0,
                                       randn(*shape), randn(*meas.y.shape[1:]))
                 log_w = log_w + (log_num - log_g).double()
                 break
-            v = ddim_fresh_fraction(o.eta, t, s) * s ** 2
-            m = x0 + (s ** 2 - v).sqrt() * eps
+            f = ddim_fresh_fraction(o.eta, t, s)
+            m = x0 + (1 - f).sqrt() * s * eps
+            v = ddim_kernel_variance(t, s, f, 0.0 if x0_var is None else x0_var[i])
             xi = randn(*shape)
             if proposal == "gaussian":
                 c2 = potential_c2(s)
@@ -343,4 +373,4 @@ class SMCSolver(Solver):
                 final_ess, eve)
 
 
-__all__ = ["PROPOSALS", "SMCOptions", "SMCSolver", "systematic_draws"]
+__all__ = ["KERNEL_VARIANCES", "PROPOSALS", "SMCOptions", "SMCSolver", "systematic_draws"]
