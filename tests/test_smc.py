@@ -1,7 +1,8 @@
 """SMC exactness proofs on closed-form posteriors (algorithms.md, "SMC" and the GMM protocol).
 
 Tolerances. Every variant targets p_model(x) N(y; A x, sigma_y^2) exactly, p_model being the
-law of the DDIM chain; its discretisation error is the one bias besides Monte Carlo noise.
+law of the DDIM chain; its discretisation error is the one bias besides Monte Carlo noise
+(the analytic kernel variance, on by default for these priors, removes most of it).
 On the GMM with sigma_max = 80 and 50 steps the chain alone misplaces about 0.04 of mixture
 weight (exact-sample floor 0.015), so GMM tests use 100 steps and sigma_max = 500 (the
 initial N(0, sigma_T^2) must dominate the prior's spread of ~11), like the reference protocol.
@@ -156,7 +157,10 @@ def test_systematic_resampling_counts_are_floor_or_ceil_and_unbiased():
 
 
 # ---------------------------------------------------------------------------- GMM protocol
-def _gmm_scores(n: int, proposal: str, seeds=(0, 1, 2), d: int = 8, d_y: int = 2):
+def _gmm_scores(n: int, proposal: str, seeds=(0, 1, 2), d: int = 8, d_y: int = 2,
+                runs: int = 1):
+    """Mean (SW, floor, TV, mean error) over problem seeds; ``runs`` independent clouds
+    pooled into the 2000 points (the benchmark protocol), else 2000 draws from one cloud."""
     out = []
     for seed in seeds:
         prior, physics, y, _ = mcgdiff_problem(d, d_y, seed)
@@ -164,11 +168,13 @@ def _gmm_scores(n: int, proposal: str, seeds=(0, 1, 2), d: int = 8, d_y: int = 2
         g = torch.Generator().manual_seed(100 + seed)
         ref, ref2 = post.sample(2000, g), post.sample(2000, g)
         rec = SMCSolver(num_particles=n, proposal=proposal, **GMM).solve(
-            y, physics, prior, num_samples=2000, seed=seed)
-        sw = sliced_wasserstein(rec.samples[:, 0], ref, 200, torch.Generator().manual_seed(1))
+            y.expand(runs, -1).contiguous(), physics, prior, num_samples=2000 // runs,
+            seed=seed)
+        draws = rec.samples.transpose(0, 1).reshape(-1, d)
+        sw = sliced_wasserstein(draws, ref, 200, torch.Generator().manual_seed(1))
         floor = sliced_wasserstein(ref2, ref, 200, torch.Generator().manual_seed(1))
-        tv = mixture_weight_tv(rec.samples[:, 0], post)
-        err = (rec.mean[0] - post.mean()).norm()
+        tv = mixture_weight_tv(draws, post)
+        err = (rec.mean.mean(0) - post.mean()).norm()
         out.append(torch.stack([sw, floor, tv, err]))
     return torch.stack(out).mean(0)
 
@@ -185,10 +191,20 @@ def test_gmm_d8_dy2_matches_exact_posterior(proposal):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 4's open gap: on multimodal d = 80 posteriors "
+                   "(test seeds 2-4) the Gaussian proposal's mixture weights are off by 0.05-0.1 "
+                   "at N = 1000 (SW 0.41 vs the 0.25 bound); see benchmarks/RESULTS.md 1b")
+def test_gmm_d80_dy2_matches_exact_posterior():
+    sw, floor, tv, _ = _gmm_scores(1000, "gaussian", seeds=(0, 1, 2, 3, 4), d=80, runs=2)
+    assert sw < 2 * floor + 0.1, (sw, floor)
+    assert tv < 0.05
+
+
+@pytest.mark.slow
 def test_gmm_posterior_mean_error_falls_with_particles():
     err_100 = _gmm_scores(100, "gaussian", seeds=(0, 1, 2, 3))[3]
     err_1000 = _gmm_scores(1000, "gaussian", seeds=(0, 1, 2, 3))[3]
-    # N^-1/2 predicts a ratio of sqrt(10) = 3.2; the chain's discretisation bias lowers it
+    # N^-1/2 predicts a ratio of sqrt(10) = 3.2; mode-weight noise lowers it
     assert err_100 / err_1000 > 1.8, (err_100, err_1000)
 
 
