@@ -64,6 +64,10 @@ class ImagePrior(Prior):
     def _denoise(self, x, sigma):
         return self.gmm.denoise(x.reshape(x.shape[0], -1), sigma).reshape(x.shape)
 
+    def mmse(self, sigmas):
+        """Per-pixel MMSE of the underlying Gaussian (exact; SMC's analytic kernel variance)."""
+        return self.gmm.mmse(sigmas)
+
 
 def grf_problem(size: int, seed: int):
     """(image prior, physics, y, x_true, exact posterior GMM on flattened images)."""
