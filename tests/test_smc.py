@@ -27,6 +27,7 @@ from diffrecon.priors.analytic import (
 )
 from diffrecon.priors.base import Prior, expand_like
 from diffrecon.recon.common import systematic_resample
+from diffrecon.recon.schedules import solver_sigmas
 from diffrecon.recon.smc import SMCSolver, systematic_draws
 
 GMM = dict(steps=100, sigma_max=500.0, cg_iters=8, chunk_size=1000)
@@ -118,6 +119,27 @@ def test_analytic_kernel_variance_is_exact_at_six_steps_on_isotropic_gaussian():
     assert ((cov - c).abs() < 3 * cov_sd).all()
     plain = SMCSolver(kernel_variance="ddim", **opts).solve(y, physics, prior, seed=2)
     assert torch.trace(_weighted_moments(plain)[1]) < 0.8 * torch.trace(c)
+
+
+def test_tempered_potential_keeps_the_cloud_unresampled_at_high_noise():
+    """The constant-kappa potential N(y; A z, sigma_y^2 + sigma^2) jitters the weights by O(1)
+    nat at sigma >> the prior's spread and forces resampling there; the tempered one is flat
+    where the exact twist is."""
+    sig = solver_sigmas("karras", 100, mcgdiff_problem(8, 2, 0)[0], None, 500.0)
+    high = [i for i in range(100) if sig[i] > 20]
+    counts, min_ess = {}, {}
+    for schedule in ("constant", "tempered"):
+        counts[schedule], min_ess[schedule] = 0, 1.0
+        for seed in (0, 2):
+            prior, physics, y, _ = mcgdiff_problem(8, 2, seed)
+            rec = SMCSolver(num_particles=1000, potential_schedule=schedule, **GMM).solve(
+                y, physics, prior, seed=0)
+            assert rec.info["potential_schedule"] == schedule
+            counts[schedule] += sum(rec.info["resampled"][i][0] for i in high)
+            min_ess[schedule] = min(min_ess[schedule], *(rec.info["ess"][i][0] / 1000
+                                                         for i in high))
+    assert counts["tempered"] == 0 and counts["constant"] >= 2, counts
+    assert min_ess["tempered"] > 0.8 > min_ess["constant"], min_ess
 
 
 def test_mmse_closed_form_and_monte_carlo_agree():
@@ -272,8 +294,13 @@ def test_options_are_validated():
     box = blur("gaussian", width=1.0, noise_sigma=0.1, dtype=torch.float64)
     with pytest.raises(InputError, match="kernel_variance='analytic' needs a prior with mmse"):
         SMCSolver(kernel_variance="analytic", steps=3).solve(box.A(x), box, _PixelGaussian())
+    with pytest.raises(InputError, match="potential_schedule='tempered' needs a prior with"):
+        SMCSolver(potential_schedule="tempered", steps=3).solve(box.A(x), box, _PixelGaussian())
+    with pytest.raises(InputError, match="potential_schedule"):
+        SMCSolver(potential_schedule="annealed")
     auto = SMCSolver(steps=3, num_particles=4).solve(box.A(x), box, _PixelGaussian())
     assert auto.info["kernel_variance"] == "ddim"
+    assert auto.info["potential_schedule"] == "constant"
 
 
 # ---------------------------------------------------------------------------- image smoke

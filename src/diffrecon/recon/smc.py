@@ -19,6 +19,15 @@ variance -> 0.86, a 2-3x floor error in the GMM sliced Wasserstein that no N rem
 variance (Bao et al. 2022), exact for Gaussian priors; "auto" uses it when the prior
 provides ``mmse``.
 
+Tempered potential (``potential_schedule``, Gaussian proposal): c_t^2 = sigma_y^2 +
+kappa sigma_t^2 (1 + sigma_t^2 / sigma_d^2), sigma_d^2 the prior's per-entry variance (from
+``mmse``). MCGdiff's constant kappa makes N(y; A z, c_t^2) vary by O(1) nats between
+particles at high noise, where the exact twist p(y | z_t) is nearly flat: the cloud then
+resamples many times before the mixture components separate and reaches the split with few
+lineages. sigma_t^2 / alpha_t (alpha_t = sigma_d^2 / (sigma_d^2 + sigma_t^2)) is the
+z-space variance of the Gaussian-prior twist N(y; A E[x | z], .), so the tempered potential
+is flat where that twist is and equals MCGdiff's for sigma_t << sigma_d.
+
 Final step (sigma_1 -> 0). The model's last kernel is p(x | z_1) = N(D(z_1, sigma_1),
 sigma_1^2 I): the forward process z_1 = x + sigma_1 n, with the small-noise Tweedie covariance
 sigma^2 dD/dz ~ sigma^2 I (error O(sigma_min^2)). Every proposal ends with the EXACT
@@ -83,6 +92,7 @@ from .schedules import solver_sigmas
 
 PROPOSALS = ("gaussian", "twisted", "bootstrap")
 KERNEL_VARIANCES = ("auto", "ddim", "analytic")
+POTENTIAL_SCHEDULES = ("auto", "constant", "tempered")
 _LOG_2PI = math.log(2 * math.pi)
 _CG_TOL = 1e-13      # relative residual at which a CG row is frozen
 _DENSE_MAX = 4096    # largest signal / measurement size of the dense path
@@ -100,6 +110,9 @@ class SMCOptions:
     krylov: False solves S with dense matrices (d, d_y <= 4096; for verification).
     chunk_size: particle rows per denoiser / operator / CG call. batch_size: unused by SMC
     (one measurement's cloud at a time, chunked by chunk_size); kept for the common contract.
+    kernel_variance: "ddim" | "analytic" | "auto"; potential_schedule: "constant" | "tempered"
+    | "auto" (module docstring; the non-reference values need a prior with ``mmse``, and
+    "auto" uses them when it has one).
     """
 
     steps: int = 50                 # MCGdiff / TDS references: 100 DDIM steps
@@ -107,6 +120,7 @@ class SMCOptions:
     proposal: str = "gaussian"      # "Krylov SMC"; TDS: "twisted"; FK steering: "bootstrap"
     kappa: float = 1.0              # MCGdiff: 1 (c_t^2 = sigma_y^2 + sigma_t^2 on z)
     kernel_variance: str = "auto"   # references: "ddim"
+    potential_schedule: str = "auto"  # MCGdiff: "constant"
     eta: float = 1.0                # reference protocol: 0.85
     ess_threshold: float = 0.5      # standard N/2 rule
     cg_iters: int = 50
@@ -124,6 +138,9 @@ class SMCOptions:
         if self.kernel_variance not in KERNEL_VARIANCES:
             raise InputError(f"smc: option kernel_variance={self.kernel_variance!r} is not one "
                              f"of {', '.join(KERNEL_VARIANCES)}.")
+        if self.potential_schedule not in POTENTIAL_SCHEDULES:
+            raise InputError(f"smc: option potential_schedule={self.potential_schedule!r} is "
+                             f"not one of {', '.join(POTENTIAL_SCHEDULES)}.")
         if self.steps < 1 or self.num_particles < 1 or self.chunk_size < 1 or self.cg_iters < 1:
             raise InputError("smc: options steps, num_particles, chunk_size and cg_iters must "
                              "be >= 1.")
@@ -232,7 +249,9 @@ class SMCSolver(Solver):
             raise InputError("smc: option kappa must be > 0 when physics.noise_model.sigma is 0.")
         sigmas = solver_sigmas(o.schedule, o.steps, prior, o.sigma_min, o.sigma_max)
         sigmas = sigmas.to(device=y.device, dtype=y.dtype)
-        x0_var = self._x0_variance(prior, sigmas)
+        mmse = self._mmse(prior, sigmas)
+        x0_var = mmse if o.kernel_variance != "ddim" else None
+        data_var = self._data_variance(mmse, sigmas)
         entropy = measurement_entropy(seed, y.shape[0])
         runs = []
         with torch.no_grad():
@@ -240,8 +259,8 @@ class SMCSolver(Solver):
             for b in range(y.shape[0]):
                 gen = make_generators([entropy[b]], y.device)[0]
                 meas = _Measurement(cphys, y[b:b + 1], o.krylov, o.cg_iters, shape)
-                runs.append(self._run(meas, cprior, sigma_y, sigmas, x0_var, shape, gen,
-                                      num_samples, callback, b))
+                runs.append(self._run(meas, cprior, sigma_y, sigmas, x0_var, data_var,
+                                      shape, gen, num_samples, callback, b))
         particles, log_w, samples, log_z, ess, resampled, final_ess, eves = zip(*runs, strict=True)
         n_vjp = o.steps - 1 if o.proposal == "twisted" else 0
         info = self._info(cphys, cprior, o.num_particles * y.shape[0], t0, {})
@@ -255,6 +274,7 @@ class SMCSolver(Solver):
             "eves": torch.stack(eves).tolist(),                # (B, N) time-0 ancestor ids
             "vjp": n_vjp,
             "kernel_variance": "ddim" if x0_var is None else "analytic",
+            "potential_schedule": "constant" if data_var is None else "tempered",
         })
         rec = Reconstruction.from_particles(torch.stack(particles, 1), torch.stack(log_w, 1),
                                             torch.stack(samples, 1), info)
@@ -262,22 +282,38 @@ class SMCSolver(Solver):
             setattr(rec, name, getattr(rec, name).to(out_dtype))
         return rec
 
-    def _x0_variance(self, prior, sigmas: Tensor) -> Tensor | None:
-        """gamma_t per step (kernel_variance option) or None for plain DDIM; one prior call
-        before the step loop."""
-        mode = self.options.kernel_variance
-        if mode == "ddim":
+    def _mmse(self, prior, sigmas: Tensor) -> Tensor | None:
+        """prior.mmse at sigmas[:-1] when an option uses it, else None; one prior call
+        before the step loop. Options that need it fail here when the prior has none."""
+        o = self.options
+        wanted = {"kernel_variance": (o.kernel_variance, "ddim"),
+                  "potential_schedule": (o.potential_schedule if o.proposal == "gaussian"
+                                         else "constant", "constant")}
+        if all(mode == off for mode, off in wanted.values()):
             return None
         gamma = prior.mmse(sigmas[:-1])
         if gamma is None:
-            if mode == "analytic":
-                raise InputError(f"smc: option kernel_variance='analytic' needs a prior with "
-                                 f"mmse(); {type(prior).__name__} has none (use 'ddim').")
+            for name, (mode, off) in wanted.items():
+                if mode not in ("auto", off):
+                    raise InputError(f"smc: option {name}={mode!r} needs a prior with mmse(); "
+                                     f"{type(prior).__name__} has none (use {off!r}).")
             return None
         return torch.as_tensor(gamma).to(device=sigmas.device, dtype=sigmas.dtype)
 
+    def _data_variance(self, mmse: Tensor | None, sigmas: Tensor) -> Tensor | None:
+        """sigma_d^2 of the tempered potential: the per-entry variance of a Gaussian prior
+        with the same mmse at sigma_T, 1 / (1 / mmse - 1 / sigma_T^2); None for the constant
+        schedule (or when mmse(sigma_T) >= sigma_T^2: no information). One host sync, at
+        set-up."""
+        o = self.options
+        if mmse is None or o.proposal != "gaussian" or o.potential_schedule == "constant":
+            return None
+        precision = 1 / mmse[0] - 1 / sigmas[0] ** 2
+        return 1 / precision if bool(precision > 0) else None
+
     def _run(self, meas: _Measurement, prior, sigma_y: float, sigmas: Tensor,
-             x0_var: Tensor | None, shape, gen, num_samples: int, callback, b: int):
+             x0_var: Tensor | None, data_var: Tensor | None, shape, gen, num_samples: int,
+             callback, b: int):
         """One measurement's particle cloud. Returns (particles, log_w, samples, log Z,
         ESS per step, resampled per step, final ESS, eve indices), all tensors (no host
         sync). Eve indices give the Chan & Lai / Lee & Whiteley variance estimate of any
@@ -290,6 +326,8 @@ class SMCSolver(Solver):
             return torch.randn((n, *s), generator=gen, dtype=dt, device=dev)
 
         def potential_c2(sigma):
+            if data_var is not None:                   # tempered (Gaussian proposal only)
+                return sigma_y ** 2 + o.kappa * sigma ** 2 * (1 + sigma ** 2 / data_var)
             return sigma_y ** 2 + o.kappa * sigma ** 2
 
         def evaluate(z: Tensor, sigma: Tensor):
@@ -373,4 +411,5 @@ class SMCSolver(Solver):
                 final_ess, eve)
 
 
-__all__ = ["KERNEL_VARIANCES", "PROPOSALS", "SMCOptions", "SMCSolver", "systematic_draws"]
+__all__ = ["KERNEL_VARIANCES", "POTENTIAL_SCHEDULES", "PROPOSALS", "SMCOptions", "SMCSolver",
+           "systematic_draws"]
