@@ -192,6 +192,7 @@ SMC_CG_ITERS = 20   # CG iterations per S-solve (default 50; cut for the CPU bud
 
 def diffusion_configs(modality: str, dds=(20, 50, 100), dps=(100, 300, 1000),
                       reddiff=(50, 100, 300), smc=(16, 64), deepinv=(100,),
+                      smc_gain=(False,),
                       dds_x4=(50,)) -> list[Config]:
     """The diffusion rows of a task (module docstring); options not given are defaults.
     ``dds_x4``: step counts of the "DDS s x4" rows (mean of 4 draws)."""
@@ -200,10 +201,11 @@ def diffusion_configs(modality: str, dds=(20, 50, 100), dps=(100, 300, 1000),
     rows += [Config(f"DDS {s} x4", "dds", "dds", s, samples=4) for s in dds_x4]
     rows += [Config(f"DPS {s}", "dps", "dps", s, options={"zeta": zeta}) for s in dps]
     rows += [Config(f"RED-diff {s}", "reddiff", "reddiff", s) for s in reddiff]
-    rows += [Config(f"SMC N={n}", "smc", "smc", 50, samples=4,
+    rows += [Config(f"SMC N={n}" + (" gain" if gain else ""), "smc", "smc", 50, samples=4,
                     options={"proposal": "gaussian", "num_particles": n, "chunk_size": n,
-                             "cg_iters": SMC_CG_ITERS})
-             for n in smc]
+                             "cg_iters": SMC_CG_ITERS, **({"operator_gain": True} if gain
+                                                          else {})})
+             for n in smc for gain in smc_gain]
     for s in deepinv:
         rows += [Config(f"deepinv DPS {s}", "deepinv", "dps", s, options={"weight": zeta}),
                  Config(f"deepinv DiffPIR {s}", "deepinv", "diffpir", s)]
@@ -590,6 +592,8 @@ def main(argv=None) -> str:
     p.add_argument("--dps-steps", type=int, nargs="+", default=[100, 300, 1000])
     p.add_argument("--smc-particles", type=int, nargs="*", default=[16, 64],
                    help="particle counts of the SMC rows (none: no SMC rows)")
+    p.add_argument("--smc-operator-gain", action="store_true",
+                   help="SMC rows with operator_gain=True (label 'SMC N=n gain') instead")
     p.add_argument("--dds-steps", type=int, nargs="*", default=[20, 50, 100])
     p.add_argument("--dds-x4", type=int, nargs="*", default=[50],
                    help="step counts of the 'DDS s x4' rows (mean of 4 draws)")
@@ -626,7 +630,8 @@ def main(argv=None) -> str:
         def build(m):
             rows = diffusion_configs(m, dds=tuple(a.dds_steps), dps=tuple(a.dps_steps),
                                      reddiff=tuple(a.reddiff_steps),
-                                     smc=tuple(a.smc_particles), dds_x4=tuple(a.dds_x4))
+                                     smc=tuple(a.smc_particles), dds_x4=tuple(a.dds_x4),
+                                     smc_gain=(True,) if a.smc_operator_gain else (False,))
             return BASELINES[m] + [r for r in rows if r.family != "deepinv"
                                    or r.solver in a.deepinv]
     results = []

@@ -335,3 +335,36 @@ def test_image_blur_smoke(proposal):
     assert psnr(rec.mean) > 8.0
     resid = (physics.A(rec.mean) - y).norm() / y.norm()
     assert resid < 0.3  # the noise alone is 0.1 of ||y||; a posterior draw leaves ~0.15
+
+
+# --------------------------------------------------------------------- operator gain
+def test_operator_gain_of_scaled_identity_and_normalised_multicoil_mri():
+    from diffrecon.operators import mri
+    from diffrecon.recon.common import operator_gain
+
+    like = torch.zeros(1, dtype=torch.float64)
+    d = 256
+    g = operator_gain(matrix(3.0 * torch.eye(d, dtype=torch.float64), 0.1), (d,), like)
+    assert abs(g / 9.0 - 1) < 0.05, g          # chi2 with 8 * 256 dof: sd 3 %
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.randn(8, 32, 32, dtype=torch.complex128, generator=gen)
+    maps = maps / maps.abs().pow(2).sum(0).sqrt()       # sum_c |S_c|^2 = 1
+    mask = torch.zeros(32)
+    mask[::2] = 1
+    g = operator_gain(mri(mask, maps, noise_sigma=0.01), (2, 32, 32), like)
+    assert abs(g * 8 - 1) < 0.1, g                     # per-entry gain 1 / coils
+
+
+def test_operator_gain_option_equals_rescaled_kappa():
+    from diffrecon.recon.common import operator_gain
+
+    prior, physics, y, _ = mcgdiff_problem(8, 2, 3)
+    g = operator_gain(physics, (8,), y)
+    kw = dict(num_particles=200, steps=10, sigma_max=500.0, cg_iters=6)
+    on = SMCSolver(operator_gain=True, **kw).solve(y, physics, prior, seed=2)
+    ref = SMCSolver(kappa=g, **kw).solve(y, physics, prior, seed=2)
+    assert on.info["kappa"] == pytest.approx(g) and ref.info["kappa"] == g
+    assert torch.equal(on.particles, ref.particles)
+    assert torch.equal(on.log_weights, ref.log_weights)
+    with pytest.raises(InputError, match="operator_gain='maybe' must be true or false"):
+        SMCSolver(operator_gain="maybe")

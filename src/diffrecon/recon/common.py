@@ -81,6 +81,21 @@ def measured_entries(physics, signal_shape: tuple[int, ...], like: Tensor) -> in
         return int((physics.A(u) != 0).sum().item())
 
 
+def operator_gain(physics, signal_shape: tuple[int, ...], like: Tensor, probes: int = 8
+                  ) -> float:
+    """Mean per-entry gain of A, tr(A A^T) / m = E||A u||^2 / m for u ~ N(0, I), m the
+    measured entries (``measured_entries``), from ``probes`` fixed-seed Gaussian probes:
+    sigma^2 times it is the per-entry variance of A(sigma n). 1 for a row-orthonormal A;
+    multi-coil MRI with maps normalised to sum_c |S_c|^2 = 1: about 1 / coils. Host syncs:
+    call it at set-up, not inside a step loop."""
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn((probes, *signal_shape), generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        au = physics.A(u.to(like.device, like.dtype))
+    m = measured_entries(physics, signal_shape, like)
+    return float((au.double() ** 2).sum().item()) / (probes * m)
+
+
 def cg(apply_A: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None = None,
        iters: int = 5, tol: float = 0.0) -> Tensor:
     """Conjugate gradients for a batch of SPD systems A x = b (one system per row).

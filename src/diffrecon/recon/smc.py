@@ -85,6 +85,7 @@ from .common import (
     ddim_kernel_variance,
     effective_sample_size,
     make_generators,
+    operator_gain,
     systematic_resample,
 )
 from .reconstruction import Reconstruction
@@ -112,13 +113,20 @@ class SMCOptions:
     (one measurement's cloud at a time, chunked by chunk_size); kept for the common contract.
     kernel_variance: "ddim" | "analytic" | "auto"; potential_schedule: "constant" | "tempered"
     | "auto" (module docstring; the non-reference values need a prior with ``mmse``, and
-    "auto" uses them when it has one).
+    "auto" uses them when it has one). operator_gain: multiply kappa by the operator's mean
+    per-entry gain g = tr(A A^T) / m (``operator_gain``), so that kappa sigma_t^2 g is the
+    per-entry variance of A(z_t - x0). Off by default (the references use kappa sigma_t^2
+    in measurement units). On 8-coil MRI, where g ~ 1/8, the default potential pulls 8x
+    too weakly toward the data (RESULTS.md section 2: MRI 4x SMC N=16 21.2 -> 25.5 dB);
+    on the GMM protocol, where g ~ 1/3, it sharpens the potential before the mixture splits
+    and raises the SW error (RESULTS.md 1b, session 4 diagnosis).
     """
 
     steps: int = 50                 # MCGdiff / TDS references: 100 DDIM steps
     num_particles: int = 256        # reference protocol: N = 1000
     proposal: str = "gaussian"      # "Krylov SMC"; TDS: "twisted"; FK steering: "bootstrap"
     kappa: float = 1.0              # MCGdiff: 1 (c_t^2 = sigma_y^2 + sigma_t^2 on z)
+    operator_gain: bool = False     # references: False (kappa in measurement units)
     kernel_variance: str = "auto"   # references: "ddim"
     potential_schedule: str = "auto"  # MCGdiff: "constant"
     eta: float = 1.0                # reference protocol: 0.85
@@ -135,6 +143,10 @@ class SMCOptions:
         if self.proposal not in PROPOSALS:
             raise InputError(f"smc: option proposal={self.proposal!r} is not one of "
                              f"{', '.join(PROPOSALS)}.")
+        for name in ("operator_gain", "krylov"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"smc: option {name}={getattr(self, name)!r} must be true or "
+                                 f"false.")
         if self.kernel_variance not in KERNEL_VARIANCES:
             raise InputError(f"smc: option kernel_variance={self.kernel_variance!r} is not one "
                              f"of {', '.join(KERNEL_VARIANCES)}.")
@@ -256,10 +268,11 @@ class SMCSolver(Solver):
         runs = []
         with torch.no_grad():
             shape = tuple(physics.A_adjoint(y[:1]).shape[1:])
+            kappa = o.kappa * (operator_gain(physics, shape, y) if o.operator_gain else 1.0)
             for b in range(y.shape[0]):
                 gen = make_generators([entropy[b]], y.device)[0]
                 meas = _Measurement(cphys, y[b:b + 1], o.krylov, o.cg_iters, shape)
-                runs.append(self._run(meas, cprior, sigma_y, sigmas, x0_var, data_var,
+                runs.append(self._run(meas, cprior, sigma_y, kappa, sigmas, x0_var, data_var,
                                       shape, gen, num_samples, callback, b))
         particles, log_w, samples, log_z, ess, resampled, final_ess, eves = zip(*runs, strict=True)
         n_vjp = o.steps - 1 if o.proposal == "twisted" else 0
@@ -273,6 +286,7 @@ class SMCSolver(Solver):
             "log_normalizer": torch.stack(log_z).tolist(),
             "eves": torch.stack(eves).tolist(),                # (B, N) time-0 ancestor ids
             "vjp": n_vjp,
+            "kappa": kappa,                                    # after operator_gain
             "kernel_variance": "ddim" if x0_var is None else "analytic",
             "potential_schedule": "constant" if data_var is None else "tempered",
         })
@@ -311,7 +325,7 @@ class SMCSolver(Solver):
         precision = 1 / mmse[0] - 1 / sigmas[0] ** 2
         return 1 / precision if bool(precision > 0) else None
 
-    def _run(self, meas: _Measurement, prior, sigma_y: float, sigmas: Tensor,
+    def _run(self, meas: _Measurement, prior, sigma_y: float, kappa: float, sigmas: Tensor,
              x0_var: Tensor | None, data_var: Tensor | None, shape, gen, num_samples: int,
              callback, b: int):
         """One measurement's particle cloud. Returns (particles, log_w, samples, log Z,
@@ -327,8 +341,8 @@ class SMCSolver(Solver):
 
         def potential_c2(sigma):
             if data_var is not None:                   # tempered (Gaussian proposal only)
-                return sigma_y ** 2 + o.kappa * sigma ** 2 * (1 + sigma ** 2 / data_var)
-            return sigma_y ** 2 + o.kappa * sigma ** 2
+                return sigma_y ** 2 + kappa * sigma ** 2 * (1 + sigma ** 2 / data_var)
+            return sigma_y ** 2 + kappa * sigma ** 2
 
         def evaluate(z: Tensor, sigma: Tensor):
             """x0_hat, eps_hat, log G and (twisted) grad log G at (z, sigma), chunked."""
