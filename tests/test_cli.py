@@ -63,6 +63,16 @@ def test_baseline_round_trip(scans, tmp_path, scan, solver, floor):
     assert 0 < m["ssim"] <= 1 and 0 <= m["nmse"] < 1
 
 
+def test_smc_degenerate_cloud_warns_on_stderr(scans, tmp_path):
+    out = tmp_path / "smc.h5"
+    res = ok(["run", scans / "mri4.h5", "-o", out, "--solver", "smc", "--steps", 4,
+              "--option", "num_particles=4", "--quiet"])
+    assert "-> " in res.stdout and "warning" not in res.stdout
+    assert "diffrecon: warning: mri4.h5: SMC slices 0: the 4 particles descend from 1 " \
+        "initial particle(s)" in res.stderr, res.stderr
+    assert list(read_result(out).attrs["smc_lineages_per_slice"]) == [1]
+
+
 def test_view_info_and_json_summary(scans, tmp_path):
     out = tmp_path / "r.h5"
     res = ok(["run", scans / "ct30.h5", "-o", out, "--solver", "fbp", "--quiet", "--json"])

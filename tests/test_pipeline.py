@@ -96,6 +96,25 @@ def test_mri_dds_result_layout_and_provenance(tmp_path, scans):
     assert m["psnr"] > max(draws) + 0.5, (m["psnr"], draws)
 
 
+def test_smc_lineages_recorded_and_degenerate_clouds_warned(tmp_path, scans):
+    out = tmp_path / "smc.h5"
+    s = pipeline.reconstruct_file(scans["mri"], out, solver="smc", prior=IsoGaussian(),
+                                  steps=8, samples=2, seed=0, device="cpu",
+                                  solver_options={"num_particles": 8})
+    lineages = list(read_result(out).attrs["smc_lineages_per_slice"])
+    assert len(lineages) == 3 and all(1 <= c <= 8 for c in lineages)
+    weak = [k for k, c in enumerate(lineages) if c < pipeline.degenerate_below(8)]
+    # 8 particles against ~1000 k-space samples: the cloud collapses to one lineage
+    assert weak, lineages
+    assert len(s["warnings"]) == 1 and "weight degeneracy" in s["warnings"][0]
+    assert f"SMC slices {pipeline._ranges(weak)}:" in s["warnings"][0]
+    assert pipeline._ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    dds = pipeline.reconstruct_file(scans["mri"], tmp_path / "dds.h5", solver="dds",
+                                    prior=IsoGaussian(), steps=3, device="cpu")
+    assert dds["warnings"] == [] and "smc_lineages_per_slice" not in read_result(
+        tmp_path / "dds.h5").attrs
+
+
 def test_slices_independent_of_selection(tmp_path, scans):
     kw = dict(solver="dds", prior=IsoGaussian(channels=1), steps=5, seed=1, device="cpu")
     pipeline.reconstruct_file(scans["ct"], tmp_path / "all.h5", **kw)

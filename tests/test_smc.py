@@ -28,7 +28,7 @@ from diffrecon.priors.analytic import (
 from diffrecon.priors.base import Prior, expand_like
 from diffrecon.recon.common import systematic_resample
 from diffrecon.recon.schedules import solver_sigmas
-from diffrecon.recon.smc import SMCSolver, systematic_draws
+from diffrecon.recon.smc import SMCSolver, _Measurement, systematic_draws
 
 GMM = dict(steps=100, sigma_max=500.0, cg_iters=8, chunk_size=1000)
 
@@ -77,7 +77,8 @@ def _lineage_n_eff(rec, exact_var):
     return float((exact_var / (groups ** 2).sum(0)).min())
 
 
-def test_single_gaussian_noisy_moments_within_monte_carlo_error():
+@pytest.mark.parametrize("covariance", ["isotropic", "operator"])
+def test_single_gaussian_noisy_moments_within_monte_carlo_error(covariance):
     g = torch.Generator().manual_seed(0)
     root = torch.randn(3, 3, generator=g, dtype=torch.float64)
     prior = Gaussian(torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64),
@@ -88,7 +89,8 @@ def test_single_gaussian_noisy_moments_within_monte_carlo_error():
     post = prior.posterior(physics, y)
     # 200 steps: the DDPM kernel chain under-disperses with coarse steps (covariance -20 %
     # at 50 Karras steps, <= 0.02 absolute at 200, measured over 8 seeds); 0.03 allows it.
-    rec = SMCSolver(num_particles=1000, steps=200, cg_iters=4).solve(y, physics, prior, seed=1)
+    rec = SMCSolver(num_particles=1000, steps=200, cg_iters=4,
+                    potential_covariance=covariance).solve(y, physics, prior, seed=1)
     mean, cov = _weighted_moments(rec)
     c = post.cov()
     n_eff = _lineage_n_eff(rec, c.diagonal())
@@ -96,6 +98,38 @@ def test_single_gaussian_noisy_moments_within_monte_carlo_error():
     assert ((mean - post.mean()).abs() < 3 * c.diagonal().sqrt() / math.sqrt(n_eff)).all()
     cov_sd = ((c.diagonal()[:, None] * c.diagonal()[None, :] + c ** 2) / n_eff).sqrt()
     assert ((cov - c).abs() < 3 * cov_sd + 0.03).all()
+
+
+@pytest.mark.parametrize("covariance", ["isotropic", "operator"])
+def test_gaussian_step_draws_the_normalised_product_and_its_evidence(covariance):
+    # r(x) ∝ N(x; m, v I) N(y; A x, G), G = c2 I + k A A^T (k = 0: isotropic), and
+    # log N(y; A m, G + v A A^T): checked against the dense closed forms
+    g = torch.Generator().manual_seed(3)
+    d, d_y, n = 5, 3, 200_000
+    a = torch.randn(d_y, d, generator=g, dtype=torch.float64)
+    y = torch.randn(1, d_y, generator=g, dtype=torch.float64)
+    m = torch.randn(1, d, generator=g, dtype=torch.float64)
+    v, c2 = torch.tensor(0.7, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)
+    k = torch.tensor(0.9, dtype=torch.float64) if covariance == "operator" else None
+    gam = c2 * torch.eye(d_y, dtype=torch.float64) + (0 if k is None else k) * a @ a.T
+    prec = torch.eye(d, dtype=torch.float64) / v + a.T @ torch.linalg.solve(gam, a)
+    cov = torch.linalg.inv(prec)
+    mean = cov @ (m[0] / v + a.T @ torch.linalg.solve(gam, y[0]))
+    evidence = torch.distributions.MultivariateNormal(a @ m[0], gam + v * a @ a.T).log_prob(y[0])
+    draws = []
+    for krylov in (True, False):
+        meas = _Measurement(matrix(a, 0.1), y, krylov, 20, (d,))
+        noise = [torch.randn(n, *s, generator=g, dtype=torch.float64) for s in ((d,), (d_y,))]
+        extra = () if k is None else (torch.randn(n, d, generator=g, dtype=torch.float64),)
+        x, log_pred = meas.gaussian_step(m.expand(n, d), *noise, *extra, v=v, c2=c2, k=k)
+        draws.append(x)
+    assert torch.allclose(log_pred, evidence.expand(n), rtol=0, atol=1e-10)   # dense path
+    for x in draws:
+        se = (cov.diagonal() / n).sqrt()
+        assert ((x.mean(0) - mean).abs() < 4.5 * se).all()
+        emp = torch.cov(x.T)
+        cov_sd = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov ** 2) / n).sqrt()
+        assert ((emp - cov).abs() < 4.5 * cov_sd).all()
 
 
 def test_analytic_kernel_variance_is_exact_at_six_steps_on_isotropic_gaussian():
@@ -223,6 +257,17 @@ def test_gmm_d80_dy2_matches_exact_posterior():
 
 
 @pytest.mark.slow
+def test_gmm_d80_dy2_meets_the_criterion_on_the_mean_over_40_problems():
+    # The criterion is a mean over problems; 5 problems are too few at d = 80 (the
+    # per-problem SW is heavy-tailed: the xfail above). 40 problems as in RESULTS.md 1a-40
+    # (there on held-out seeds 1000-1390: 0.14 vs 0.24); here seeds 0-39: 0.254 vs 0.263,
+    # TV 0.026 (session 5). ~100 s.
+    sw, floor, tv, _ = _gmm_scores(1000, "gaussian", seeds=range(40), d=80, runs=2)
+    assert sw < 2 * floor + 0.1, (sw, floor)
+    assert tv < 0.05
+
+
+@pytest.mark.slow
 def test_gmm_posterior_mean_error_falls_with_particles():
     err_100 = _gmm_scores(100, "gaussian", seeds=(0, 1, 2, 3))[3]
     err_1000 = _gmm_scores(1000, "gaussian", seeds=(0, 1, 2, 3))[3]
@@ -241,12 +286,19 @@ def test_log_normalizer_estimates_the_evidence():
         rec = SMCSolver(num_particles=1000, proposal=proposal, krylov=False, **GMM).solve(
             y, physics, prior, seed=0)
         assert abs(rec.info["log_normalizer"][0] - float(log_py)) < 0.3, proposal
+    # the operator-shaped potential is noisier on this problem (sd 0.24 vs 0.11 over 8
+    # seeds): mean of 4 runs
+    rec = SMCSolver(num_particles=1000, potential_covariance="operator", krylov=False,
+                    **GMM).solve(y.expand(4, -1).contiguous(), physics, prior, seed=0)
+    log_z = torch.tensor(rec.info["log_normalizer"]).mean()
+    assert abs(float(log_z) - float(log_py)) < 0.3, rec.info["log_normalizer"]
 
 
 # ---------------------------------------------------------------------------- identities
-def test_krylov_path_equals_dense_path():
+@pytest.mark.parametrize("covariance", ["isotropic", "operator"])
+def test_krylov_path_equals_dense_path(covariance):
     prior, physics, y, _ = mcgdiff_problem(8, 4, 3)
-    kw = dict(num_particles=300, steps=20, sigma_max=500.0)
+    kw = dict(num_particles=300, steps=20, sigma_max=500.0, potential_covariance=covariance)
     kry = SMCSolver(krylov=True, cg_iters=30, **kw).solve(y, physics, prior, seed=5)
     den = SMCSolver(krylov=False, **kw).solve(y, physics, prior, seed=5)
     assert torch.allclose(kry.particles, den.particles, rtol=0, atol=1e-8)
@@ -271,10 +323,12 @@ def test_reproducible_and_chunk_invariant():
     assert a.samples.shape == (3, 2, 8) and a.info["nfe"] == 15
 
 
-@pytest.mark.parametrize("proposal", ["gaussian", "twisted", "bootstrap"])
+@pytest.mark.parametrize("proposal", ["gaussian", "twisted", "bootstrap", "gaussian-operator"])
 def test_chunking_invariance_all_proposals(proposal):
     prior, physics, y, _ = mcgdiff_problem(8, 2, 1)
-    kw = dict(num_particles=50, steps=10, proposal=proposal)
+    covariance = "operator" if proposal.endswith("-operator") else "isotropic"
+    kw = dict(num_particles=50, steps=10, proposal=proposal.removesuffix("-operator"),
+              potential_covariance=covariance)
     a = SMCSolver(chunk_size=1000, **kw).solve(y, physics, prior, num_samples=4, seed=2)
     b = SMCSolver(chunk_size=7, **kw).solve(y, physics, prior, num_samples=4, seed=2)
     # bit-identical except for BLAS blocking of the batched matmul in A (row count differs)
@@ -298,6 +352,10 @@ def test_options_are_validated():
         SMCSolver(potential_schedule="tempered", steps=3).solve(box.A(x), box, _PixelGaussian())
     with pytest.raises(InputError, match="potential_schedule"):
         SMCSolver(potential_schedule="annealed")
+    with pytest.raises(InputError, match="potential_covariance='full' is not one of"):
+        SMCSolver(potential_covariance="full")
+    with pytest.raises(InputError, match="potential_covariance='operator' needs proposal"):
+        SMCSolver(potential_covariance="operator", proposal="twisted")
     auto = SMCSolver(steps=3, num_particles=4).solve(box.A(x), box, _PixelGaussian())
     assert auto.info["kernel_variance"] == "ddim"
     assert auto.info["potential_schedule"] == "constant"

@@ -635,6 +635,9 @@ def compute(plan: Plan, *, device="auto", progress: Progress | None = None,
         out.infos[k] = {"nfe": int(rec.info.get("nfe", 0)),
                         "wall_time_s": float(rec.info.get("wall_time_s", 0.0)),
                         "scale": float(norm.scale)}
+        if "lineages" in rec.info:
+            out.infos[k].update(lineages=int(rec.info["lineages"][0]),
+                                particles=int(rec.info["num_particles"]))
         _emit(progress, event="slice", slice=k)
     return out
 
@@ -774,13 +777,44 @@ def write(plan: Plan, computed: Computed, t0: float) -> dict[str, Any]:
         "scale_per_slice": np.asarray([computed.infos[k]["scale"] for k in order]),
         "settings": st, "settings_sha256": plan.digest, **problem.meta,
     }
+    warnings = []
+    if all("lineages" in computed.infos[k] for k in order) and order:
+        lineages = [computed.infos[k]["lineages"] for k in order]
+        attrs["smc_lineages_per_slice"] = np.asarray(lineages, dtype=np.int64)
+        n = computed.infos[order[0]]["particles"]
+        weak = [(k, c) for k, c in zip(order, lineages, strict=True) if c < degenerate_below(n)]
+        if weak:
+            lo, hi = min(c for _, c in weak), max(c for _, c in weak)
+            warnings.append(
+                f"{plan.input_path.name}: SMC slices {_ranges([k for k, _ in weak])}: the {n} "
+                f"particles descend from {lo if lo == hi else f'{lo}-{hi}'} initial particle(s) "
+                f"(weight degeneracy), so std is not a posterior std; use more particles, or an "
+                f"ensemble (--solver dds --samples K).")
     write_result(plan.output_path, np.stack(rec), np.stack(sd),
                  samples=np.stack(smp) if smp else None,
                  complex=np.stack(cplx) if problem.modality == "mri" else None, attrs=attrs)
     return {"input": str(plan.input_path), "output": str(plan.output_path), "status": "done",
             "modality": problem.modality, "solver": st["solver"], "prior": st["prior"],
             "slices": len(order), "nfe": attrs["nfe"], "wall_time_s": round(wall, 3),
-            "device": computed.device}
+            "device": computed.device, "warnings": warnings}
+
+
+def degenerate_below(num_particles: int) -> int:
+    """An SMC cloud with fewer distinct time-0 ancestors than this is reported as
+    degenerate: max(3, N / 10)."""
+    return max(3, num_particles // 10)
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """'0-3, 7' for [0, 1, 2, 3, 7]."""
+    parts, start = [], None
+    for i, k in enumerate(indices):
+        if start is None:
+            start = k
+        if i + 1 == len(indices) or indices[i + 1] != k + 1:
+            parts.append(str(start) if start == k else f"{start}-{k}")
+            start = None
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- batches

@@ -450,6 +450,8 @@ def run(
         else:
             typer.echo(f"{s['input']} -> {s['output']}  [{s['solver']}, {s['slices']} slices, "
                        f"NFE {s['nfe']}, {s['wall_time_s']:.1f} s, {s['device']}]")
+        for line in s.get("warnings", []):
+            typer.echo(f"{PROG}: warning: {line}", err=True)
 
 
 # --------------------------------------------------------------------------- evaluate / view

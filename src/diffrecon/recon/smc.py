@@ -28,6 +28,16 @@ lineages. sigma_t^2 / alpha_t (alpha_t = sigma_d^2 / (sigma_d^2 + sigma_t^2)) is
 z-space variance of the Gaussian-prior twist N(y; A E[x | z], .), so the tempered potential
 is flat where that twist is and equals MCGdiff's for sigma_t << sigma_d.
 
+Operator-shaped potential (``potential_covariance="operator"``, Gaussian proposal):
+G_t(z) = N(y; A z, (sigma_y^2 + kappa sigma_t^4 / sigma_d^2) I + kappa sigma_t^2 A A^T). Since
+y = A z_t - sigma_t A n + noise, sigma_y^2 I + sigma_t^2 A A^T is the exact covariance of
+y | z_t under a locally flat prior; the isotropic c_t^2 I is that only when A A^T = I, and is
+too flat by 1 / gain where A A^T ~ gain I (MRI 8 coils: 8x; GMM problem: up to 300x on
+small singular values). Cost: one more measurement-space CG per step (log G_s at the new
+particles; it needs sigma_y > 0 or A of full row rank). Off by default: on 40 held-out GMM
+problems per cell it fixes the unimodal cases whose cloud lost its lineages at low noise
+(RESULTS.md 1e) but is worse on the multimodal ones (d = 80, d_y = 2: SW 0.22 vs 0.14).
+
 Final step (sigma_1 -> 0). The model's last kernel is p(x | z_1) = N(D(z_1, sigma_1),
 sigma_1^2 I): the forward process z_1 = x + sigma_1 n, with the small-noise Tweedie covariance
 sigma^2 dD/dz ~ sigma^2 I (error O(sigma_min^2)). Every proposal ends with the EXACT
@@ -94,6 +104,7 @@ from .schedules import solver_sigmas
 PROPOSALS = ("gaussian", "twisted", "bootstrap")
 KERNEL_VARIANCES = ("auto", "ddim", "analytic")
 POTENTIAL_SCHEDULES = ("auto", "constant", "tempered")
+POTENTIAL_COVARIANCES = ("isotropic", "operator")
 _LOG_2PI = math.log(2 * math.pi)
 _CG_TOL = 1e-13      # relative residual at which a CG row is frozen
 _DENSE_MAX = 4096    # largest signal / measurement size of the dense path
@@ -119,7 +130,9 @@ class SMCOptions:
     in measurement units). On 8-coil MRI, where g ~ 1/8, the default potential pulls 8x
     too weakly toward the data (RESULTS.md section 2: MRI 4x SMC N=16 21.2 -> 25.5 dB);
     on the GMM protocol, where g ~ 1/3, it sharpens the potential before the mixture splits
-    and raises the SW error (RESULTS.md 1b, session 4 diagnosis).
+    and raises the SW error (RESULTS.md 1b, session 4 diagnosis). potential_covariance:
+    "isotropic" (c_t^2 I) | "operator" (sigma_y^2 I + kappa sigma_t^2 A A^T, tempered;
+    Gaussian proposal only; module docstring).
     """
 
     steps: int = 50                 # MCGdiff / TDS references: 100 DDIM steps
@@ -127,6 +140,7 @@ class SMCOptions:
     proposal: str = "gaussian"      # "Krylov SMC"; TDS: "twisted"; FK steering: "bootstrap"
     kappa: float = 1.0              # MCGdiff: 1 (c_t^2 = sigma_y^2 + sigma_t^2 on z)
     operator_gain: bool = False     # references: False (kappa in measurement units)
+    potential_covariance: str = "isotropic"  # MCGdiff: "isotropic"
     kernel_variance: str = "auto"   # references: "ddim"
     potential_schedule: str = "auto"  # MCGdiff: "constant"
     eta: float = 1.0                # reference protocol: 0.85
@@ -147,6 +161,12 @@ class SMCOptions:
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"smc: option {name}={getattr(self, name)!r} must be true or "
                                  f"false.")
+        if self.potential_covariance not in POTENTIAL_COVARIANCES:
+            raise InputError(f"smc: option potential_covariance={self.potential_covariance!r} "
+                             f"is not one of {', '.join(POTENTIAL_COVARIANCES)}.")
+        if self.potential_covariance == "operator" and self.proposal != "gaussian":
+            raise InputError("smc: option potential_covariance='operator' needs "
+                             "proposal='gaussian'.")
         if self.kernel_variance not in KERNEL_VARIANCES:
             raise InputError(f"smc: option kernel_variance={self.kernel_variance!r} is not one "
                              f"of {', '.join(KERNEL_VARIANCES)}.")
@@ -203,10 +223,14 @@ class _Measurement:
     def At(self, u: Tensor) -> Tensor:
         return self.physics.A_adjoint(u)
 
-    def log_gauss(self, x: Tensor, c2: Tensor) -> Tensor:
-        """log N(y; A x, c2 I) per row (full constant)."""
+    def log_gauss(self, x: Tensor, c2: Tensor, k: Tensor | None = None) -> Tensor:
+        """log N(y; A x, c2 I + k A A^T) per row (full constant; the Krylov path drops the
+        log det, which is shared by all rows). k None: closed form, no CG."""
         r = self.y - self.A(x)
-        return -0.5 * bdot(r, r) / c2 - 0.5 * self.size * (_LOG_2PI + torch.log(c2))
+        if k is None:
+            return -0.5 * bdot(r, r) / c2 - 0.5 * self.size * (_LOG_2PI + torch.log(c2))
+        u, logdet = self.solve_s(r, c2, k)
+        return -0.5 * (bdot(r, u) + logdet + self.size * _LOG_2PI)
 
     def solve_s(self, rhs: Tensor, c2: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """u = S^-1 rhs and log det S (0 in the Krylov path, where it is dropped)."""
@@ -218,16 +242,20 @@ class _Measurement:
         u = torch.cholesky_solve(rhs.reshape(rhs.shape[0], -1).T, chol).T.reshape(rhs.shape)
         return u, 2 * torch.log(torch.diagonal(chol)).sum()
 
-    def gaussian_step(self, m: Tensor, xi1: Tensor, xi2: Tensor, *, v: Tensor, c2: Tensor
+    def gaussian_step(self, m: Tensor, xi1: Tensor, xi2: Tensor, xi3: Tensor | None = None,
+                      *, v: Tensor, c2: Tensor, k: Tensor | None = None
                       ) -> tuple[Tensor, Tensor]:
-        """Exact draw from N(m, v I) N(y; A x, c2 I) (normalised) and log N(y; A m, S).
+        """Exact draw from N(m, v I) N(y; A x, G) (normalised), G = c2 I + k A A^T, and
+        log N(y; A m, S), S = G + v A A^T.
 
-        Matheron / perturb-and-solve (module docstring): one CG on S for [r; y' - A x']."""
+        Matheron / perturb-and-solve (module docstring): one CG on S for [r; y' - A x'];
+        the draw of N(0, G) is sqrt(c2) xi2 + sqrt(k) A xi3 (xi3 signal-shaped)."""
         n = m.shape[0]
         xp = m + v.sqrt() * xi1
-        am = self.A(torch.cat([m, xp]))
+        xpp = xp if k is None else xp + k.sqrt() * xi3
+        am = self.A(torch.cat([m, xpp]))
         rhs = torch.cat([self.y - am[:n], self.y + c2.sqrt() * xi2 - am[n:]])
-        u, logdet = self.solve_s(rhs, c2, v)
+        u, logdet = self.solve_s(rhs, c2, v if k is None else v + k)
         x = xp + v * self.At(u[n:])
         log_pred = -0.5 * (bdot(rhs[:n], u[:n]) + logdet + self.size * _LOG_2PI)
         return x, log_pred
@@ -285,6 +313,9 @@ class SMCSolver(Solver):
             "final_ess": torch.stack(final_ess).tolist(),
             "log_normalizer": torch.stack(log_z).tolist(),
             "eves": torch.stack(eves).tolist(),                # (B, N) time-0 ancestor ids
+            # distinct time-0 ancestors in the final cloud; 1 = the cloud is one lineage and
+            # its spread is not a posterior spread (weight degeneracy)
+            "lineages": [int(torch.unique(e).numel()) for e in eves],
             "vjp": n_vjp,
             "kappa": kappa,                                    # after operator_gain
             "kernel_variance": "ddim" if x0_var is None else "analytic",
@@ -339,14 +370,18 @@ class SMCSolver(Solver):
         def randn(*s):
             return torch.randn((n, *s), generator=gen, dtype=dt, device=dev)
 
-        def potential_c2(sigma):
+        def potential(sigma):
+            """(c2, k) of G_sigma = N(y; A ., c2 I + k A A^T); k None: isotropic."""
+            if o.potential_covariance == "operator":
+                temper = 0.0 if data_var is None else kappa * sigma ** 4 / data_var
+                return sigma_y ** 2 + temper + 0 * sigma, kappa * sigma ** 2
             if data_var is not None:                   # tempered (Gaussian proposal only)
-                return sigma_y ** 2 + kappa * sigma ** 2 * (1 + sigma ** 2 / data_var)
-            return sigma_y ** 2 + kappa * sigma ** 2
+                return sigma_y ** 2 + kappa * sigma ** 2 * (1 + sigma ** 2 / data_var), None
+            return sigma_y ** 2 + kappa * sigma ** 2, None
 
         def evaluate(z: Tensor, sigma: Tensor):
             """x0_hat, eps_hat, log G and (twisted) grad log G at (z, sigma), chunked."""
-            c2 = potential_c2(sigma)
+            c2, k = potential(sigma)
 
             def one(zc):
                 sig = sigma.expand(zc.shape[0])
@@ -359,7 +394,7 @@ class SMCSolver(Solver):
                     x0, lg = x0.detach(), lg.detach()
                 else:
                     x0 = prior.denoise(zc, sig)
-                    lg = meas.log_gauss(zc if proposal == "gaussian" else x0, c2)
+                    lg = meas.log_gauss(zc if proposal == "gaussian" else x0, c2, k)
                     grad = torch.zeros_like(zc[:, :0])
                 return x0, (zc - x0) / sigma, lg, grad
 
@@ -403,9 +438,10 @@ class SMCSolver(Solver):
             v = ddim_kernel_variance(t, s, f, 0.0 if x0_var is None else x0_var[i])
             xi = randn(*shape)
             if proposal == "gaussian":
-                c2 = potential_c2(s)
-                z, log_num = _chunked(partial(meas.gaussian_step, v=v, c2=c2), chunk, m, xi,
-                                      randn(*meas.y.shape[1:]))
+                c2, k = potential(s)
+                extra = () if k is None else (randn(*shape),)
+                z, log_num = _chunked(partial(meas.gaussian_step, v=v, c2=c2, k=k), chunk, m,
+                                      xi, randn(*meas.y.shape[1:]), *extra)
                 state = evaluate(z, s)
             else:
                 if proposal == "twisted":              # shift by v grad log G_t(z_t)
