@@ -5,7 +5,8 @@ the exact noise floor, mixture-weight TV, posterior-mean error, final ESS / N an
 mean +- std over seeds.
 
     python benchmarks/gmm_smc.py --dims 8 80 --particles 100 1000 --seeds 3
-    python benchmarks/gmm_smc.py --dims 80 --proposals gaussian --option potential_covariance=operator
+    python benchmarks/gmm_smc.py --dims 80 --proposals gaussian \
+        --option potential_covariance=operator
 """
 
 from __future__ import annotations
