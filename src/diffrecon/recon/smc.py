@@ -36,7 +36,7 @@ too flat by 1 / gain where A A^T ~ gain I (MRI 8 coils: 8x; GMM problem: up to 3
 small singular values). Cost: one more measurement-space CG per step (log G_s at the new
 particles; it needs sigma_y > 0 or A of full row rank). Off by default: on 40 held-out GMM
 problems per cell it fixes the unimodal cases whose cloud lost its lineages at low noise
-(RESULTS.md 1e) but is worse on the multimodal ones (d = 80, d_y = 2: SW 0.22 vs 0.14).
+(RESULTS.md 1a-op) but is worse on the multimodal ones (d = 80, d_y = 2: SW 0.22 vs 0.14).
 
 Final step (sigma_1 -> 0). The model's last kernel is p(x | z_1) = N(D(z_1, sigma_1),
 sigma_1^2 I): the forward process z_1 = x + sigma_1 n, with the small-noise Tweedie covariance
