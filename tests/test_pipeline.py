@@ -82,6 +82,9 @@ def test_mri_dds_result_layout_and_provenance(tmp_path, scans):
     assert a["coil_maps_source"] == "espirit" and a["espirit"]["calib_width"] == min(24, acs)
     assert a["torch_version"] == str(torch.__version__) and a["solver_options"]["steps"] == 8
     assert list(a["slices"]) == [0, 1, 2] and a["nfe"] == 8 and a["wall_time_s"] > 0
+    # ||A mean - y|| / ||y|| per slice, in (0, 1) for a data-consistent mean of noisy data
+    assert a["data_residual_per_slice"].shape == (3,)
+    assert ((a["data_residual_per_slice"] > 0) & (a["data_residual_per_slice"] < 0.2)).all()
     # std is the pointwise spread of the two draws (complex std), positive inside the object
     assert (res.std > 0).mean() > 0.5
     # reconstruction is on the scale of reconstruction_rss (not of the prior)

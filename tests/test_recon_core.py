@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from diffrecon.recon import get_solver, schedules
+from diffrecon.recon import DIFFUSION_SOLVERS, SOLVERS, get_solver, schedules
 from diffrecon.recon.common import (
     RowNoise,
     cg,
@@ -105,6 +105,32 @@ def test_operator_norm_power_iteration():
     v, _ = torch.linalg.qr(torch.randn(9, 9, generator=g, dtype=F64))
     a = u @ torch.diag(torch.tensor([3.0, 1.0, 0.5, 0.1], dtype=F64)) @ v[:4]
     assert math.isclose(operator_norm(matrix(a), (9,), iters=200), 3.0, rel_tol=1e-6)
+
+
+IMAGE_ONLY = {"dds3d", "fbp", "l1-wavelet", "tv"}   # need slice stacks / CT / MRI / images
+
+
+@pytest.mark.parametrize("solver", sorted(set(SOLVERS) - IMAGE_ONLY) + ["tv"])
+def test_every_solver_reports_the_data_residual_of_its_mean(solver):
+    from diffrecon.operators import blur
+    from diffrecon.priors.analytic import mcgdiff_problem
+
+    if solver == "tv":
+        physics = blur("gaussian", width=1.0, noise_sigma=0.01, dtype=torch.float64)
+        g = torch.Generator().manual_seed(0)
+        y = physics.A(torch.rand(2, 1, 16, 16, generator=g, dtype=torch.float64))
+        prior = None
+    else:
+        prior, physics, y1, _ = mcgdiff_problem(6, 6, seed=2)
+        y = torch.cat([y1, 2 * y1])
+    kw = {"steps": 4} if solver in DIFFUSION_SOLVERS else {}
+    if solver == "smc":
+        kw["num_particles"] = 8
+    rec = get_solver(solver, **kw).solve(y, physics, prior, seed=0, num_samples=2)
+    r = (physics.A(rec.mean) - y).flatten(1)
+    expected = (r.norm(dim=1) / y.flatten(1).norm(dim=1)).tolist()
+    assert rec.info["residual"] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert len(rec.info["residual"]) == 2
 
 
 @pytest.mark.parametrize("solver", ["dds", "dps", "reddiff", "smc"])

@@ -635,6 +635,8 @@ def compute(plan: Plan, *, device="auto", progress: Progress | None = None,
         out.infos[k] = {"nfe": int(rec.info.get("nfe", 0)),
                         "wall_time_s": float(rec.info.get("wall_time_s", 0.0)),
                         "scale": float(norm.scale)}
+        if "residual" in rec.info:
+            out.infos[k]["residual"] = float(rec.info["residual"][0])
         if "lineages" in rec.info:
             out.infos[k].update(lineages=int(rec.info["lineages"][0]),
                                 particles=int(rec.info["num_particles"]))
@@ -777,6 +779,9 @@ def write(plan: Plan, computed: Computed, t0: float) -> dict[str, Any]:
         "scale_per_slice": np.asarray([computed.infos[k]["scale"] for k in order]),
         "settings": st, "settings_sha256": plan.digest, **problem.meta,
     }
+    if all("residual" in computed.infos[k] for k in order) and order:
+        attrs["data_residual_per_slice"] = np.asarray(
+            [computed.infos[k]["residual"] for k in order], dtype=np.float64)
     warnings = []
     if all("lineages" in computed.infos[k] for k in order) and order:
         lineages = [computed.infos[k]["lineages"] for k in order]

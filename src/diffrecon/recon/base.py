@@ -37,6 +37,16 @@ def noise_sigma(physics) -> float:
     return float(sigma)
 
 
+def mean_residual(physics, mean: Tensor, y: Tensor) -> list[float]:
+    """Relative data residual ||A(mean_b) - y_b|| / ||y_b|| of each measurement's posterior
+    mean (B floats; one forward application after the step loop, not counted in the NFE /
+    operator tallies)."""
+    with torch.no_grad():
+        r = (physics.A(mean.to(y.dtype)) - y).reshape(y.shape[0], -1)
+        norm = y.reshape(y.shape[0], -1).norm(dim=1).clamp_min(torch.finfo(y.dtype).tiny)
+        return (r.norm(dim=1) / norm).tolist()
+
+
 def physics_in_dtype(physics, dtype: torch.dtype):
     """A copy of ``physics`` whose buffers and parameters are in ``dtype`` (complex buffers
     in the matching complex dtype); the caller's object is left untouched. Solvers whose
@@ -191,7 +201,9 @@ class Solver:
                 draws.append(self._sample(y, ctx).unsqueeze(0))
         samples = torch.cat(draws, 0)
         info = self._info(cphys, cprior, samples.shape[0] * batch, t0, diagnostics)
-        return Reconstruction.from_samples(samples.detach(), info)
+        rec = Reconstruction.from_samples(samples.detach(), info)
+        rec.info["residual"] = mean_residual(physics, rec.mean, y)
+        return rec
 
     # -- for subclasses ------------------------------------------------------------------
     @staticmethod

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from .base import CountingPhysics, CountingPrior, Solver
+from .base import CountingPhysics, CountingPrior, Solver, mean_residual
 from .common import cg
 from .dds import normal_operator
 from .reconstruction import Reconstruction
@@ -49,6 +49,7 @@ class _Deterministic(Solver):
             x, iterations = self._reconstruct(y, cphys)
         info = self._info(cphys, CountingPrior(None), y.shape[0], t0, {})
         info["iterations"] = iterations
+        info["residual"] = mean_residual(physics, x, y)
         return Reconstruction.from_samples(x.unsqueeze(0), info)
 
     def _reconstruct(self, y: Tensor, physics) -> tuple[Tensor, int]:  # pragma: no cover

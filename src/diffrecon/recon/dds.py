@@ -36,6 +36,7 @@ from .base import (
     CountingPrior,
     SolveContext,
     Solver,
+    mean_residual,
     measurement_entropy,
     noise_sigma,
 )
@@ -252,7 +253,9 @@ class DDS3DSolver(Solver):
                                    diagnostics)
                 draws.append(self._volume(y, ctx))
         info = self._info(cphys, cprior, num_samples * y.shape[0], t0, diagnostics)
-        return Reconstruction.from_samples(torch.stack(draws), info)
+        rec = Reconstruction.from_samples(torch.stack(draws), info)
+        rec.info["residual"] = mean_residual(physics, rec.mean, y)
+        return rec
 
     def _volume(self, y: Tensor, ctx: SolveContext) -> Tensor:
         o, phys = self.options, ctx.physics

@@ -21,7 +21,8 @@ class Reconstruction:
             only one sample is available).
         log_weights: (N, B) normalised log-weights of SMC particles, else None.
         particles: (N, B, *signal_shape) weighted SMC particles, else None.
-        info: NFE, operator applications, wall time (s), per-step diagnostics (lists).
+        info: NFE, operator applications, wall time (s), ``residual`` (per measurement,
+            ||A(mean) - y|| / ||y||), per-step diagnostics (lists).
     """
 
     samples: Tensor

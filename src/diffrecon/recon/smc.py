@@ -84,6 +84,7 @@ from .base import (
     CountingPhysics,
     CountingPrior,
     Solver,
+    mean_residual,
     measurement_entropy,
     noise_sigma,
     physics_in_dtype,
@@ -323,6 +324,7 @@ class SMCSolver(Solver):
         })
         rec = Reconstruction.from_particles(torch.stack(particles, 1), torch.stack(log_w, 1),
                                             torch.stack(samples, 1), info)
+        rec.info["residual"] = mean_residual(physics, rec.mean, y)
         for name in ("samples", "mean", "std", "particles"):
             setattr(rec, name, getattr(rec, name).to(out_dtype))
         return rec
