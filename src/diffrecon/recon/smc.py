@@ -375,8 +375,10 @@ class SMCSolver(Solver):
         def potential(sigma):
             """(c2, k) of G_sigma = N(y; A ., c2 I + k A A^T); k None: isotropic."""
             if o.potential_covariance == "operator":
-                temper = 0.0 if data_var is None else kappa * sigma ** 4 / data_var
-                return sigma_y ** 2 + temper + 0 * sigma, kappa * sigma ** 2
+                c2 = torch.full_like(sigma, sigma_y ** 2)
+                if data_var is not None:               # tempered: the isotropic excess
+                    c2 = c2 + kappa * sigma ** 4 / data_var
+                return c2, kappa * sigma ** 2
             if data_var is not None:                   # tempered (Gaussian proposal only)
                 return sigma_y ** 2 + kappa * sigma ** 2 * (1 + sigma ** 2 / data_var), None
             return sigma_y ** 2 + kappa * sigma ** 2, None
