@@ -318,7 +318,9 @@ def test_reproducible_and_chunk_invariant():
     alone = SMCSolver(chunk_size=1000, **kw).solve(y[1:], physics, prior, seed=[(7, 1)])
     other = SMCSolver(chunk_size=1000, **kw).solve(y, physics, prior, num_samples=3, seed=8)
     assert torch.equal(a.samples, b.samples) and torch.equal(a.log_weights, b.log_weights)
-    assert torch.equal(a.particles, c.particles) and torch.equal(a.log_weights, c.log_weights)
+    # chunking changes the row count of A's batched matmul, so BLAS may block it differently
+    assert torch.allclose(a.particles, c.particles, rtol=0, atol=1e-10)
+    assert torch.allclose(a.log_weights, c.log_weights, rtol=0, atol=1e-10)
     assert torch.equal(a.particles, one.particles)          # the cloud ignores num_samples
     assert torch.equal(a.particles[:, 1], alone.particles[:, 0])
     assert not torch.equal(a.particles, other.particles)
