@@ -36,6 +36,9 @@ class Prior(torch.nn.Module):
         signal_shape: fixed signal shape without batch (e.g. ``(d,)`` for a GMM), or None when
             any spatial size that is a multiple of ``size_multiple`` is accepted.
         data_range: (low, high) of the training data; the pipeline normalises scans into it.
+        intensity_reference: the value, in prior units, of the intensity statistic
+            ``diffrecon.problems.normalise.reference_level`` on the prior's training images
+            (its intensity convention), or None when the prior does not declare one.
         sigma_min, sigma_max: the noise-level range the denoiser was trained on.
     """
 
@@ -44,6 +47,7 @@ class Prior(torch.nn.Module):
     signal_shape: tuple[int, ...] | None = None
     size_multiple: int = 1
     data_range: tuple[float, float] = (0.0, 1.0)
+    intensity_reference: float | None = None
     sigma_min: float = 0.002
     sigma_max: float = 80.0
 

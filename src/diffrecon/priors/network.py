@@ -140,7 +140,8 @@ class NetworkPrior(Prior):
 
     def __init__(self, net: UNet, *, name: str = "network", data_range=(0.0, 1.0),
                  sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5,
-                 data_mean: float = 0.0, autocast: bool = False):
+                 data_mean: float = 0.0, intensity_reference: float | None = None,
+                 autocast: bool = False):
         super().__init__()
         self.net = net
         self.name = name
@@ -149,6 +150,8 @@ class NetworkPrior(Prior):
         self.data_range = (float(data_range[0]), float(data_range[1]))
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.sigma_data, self.data_mean = float(sigma_data), float(data_mean)
+        self.intensity_reference = (None if intensity_reference is None
+                                    else float(intensity_reference))
         self.autocast = autocast
 
     @property
@@ -156,6 +159,7 @@ class NetworkPrior(Prior):
         return {"name": self.name, "channels": self.channels, "data_range": list(self.data_range),
                 "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
                 "sigma_data": self.sigma_data, "data_mean": self.data_mean,
+                "intensity_reference": self.intensity_reference,
                 "size_multiple": self.size_multiple}
 
     def precond(self, x: Tensor, sigma: Tensor) -> Tensor:
@@ -219,6 +223,7 @@ def load_network_prior(path: str | os.PathLike, map_location="cpu") -> NetworkPr
     meta = blob["meta"]
     prior = NetworkPrior(net, name=meta["name"], data_range=tuple(meta["data_range"]),
                          sigma_min=meta["sigma_min"], sigma_max=meta["sigma_max"],
-                         sigma_data=meta["sigma_data"], data_mean=meta.get("data_mean", 0.0))
+                         sigma_data=meta["sigma_data"], data_mean=meta.get("data_mean", 0.0),
+                         intensity_reference=meta.get("intensity_reference"))
     prior.extra = blob.get("extra", {})
     return prior.to(map_location).eval().requires_grad_(False)
