@@ -9,13 +9,13 @@ import torch
 from deepinv.physics import LinearPhysics
 
 import diffrecon.recon.dds as dds_mod
-from diffrecon.errors import InputError
 from diffrecon.operators import matrix
 from diffrecon.priors import analytic
 from diffrecon.priors.analytic import Gaussian
 from diffrecon.priors.base import Prior, expand_like
 from diffrecon.recon.common import ddim_fresh_fraction
-from diffrecon.recon.dds import DDS3DSolver, DDSSolver, dz, dz_adjoint
+from diffrecon.recon.dds import DDSSolver
+from diffrecon.recon.dds3d import DDS3DSolver, dz, dz_adjoint
 from diffrecon.recon.schedules import get_schedule
 
 F64 = torch.float64
@@ -64,7 +64,7 @@ def test_reproducible_per_sample():
 
 
 def test_invalid_noise_convention_and_nonlinear_physics():
-    with pytest.raises(InputError, match="noise_convention"):
+    with pytest.raises(ValueError, match="noise_convention"):
         DDSSolver(noise_convention="ddpm")
     from deepinv.physics import Physics
 

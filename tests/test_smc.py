@@ -16,7 +16,6 @@ import pytest
 import torch
 from scipy import stats
 
-from diffrecon.errors import InputError
 from diffrecon.operators import blur, matrix
 from diffrecon.priors.analytic import (
     Gaussian,
@@ -28,7 +27,8 @@ from diffrecon.priors.analytic import (
 from diffrecon.priors.base import Prior, expand_like
 from diffrecon.recon.common import systematic_resample
 from diffrecon.recon.schedules import solver_sigmas
-from diffrecon.recon.smc import SMCSolver, _Measurement, systematic_draws
+from diffrecon.recon.smc import SMCSolver
+from diffrecon.recon.smc_cloud import Measurement
 
 GMM = dict(steps=100, sigma_max=500.0, cg_iters=8, chunk_size=1000)
 
@@ -118,7 +118,7 @@ def test_gaussian_step_draws_the_normalised_product_and_its_evidence(covariance)
     evidence = torch.distributions.MultivariateNormal(a @ m[0], gam + v * a @ a.T).log_prob(y[0])
     draws = []
     for krylov in (True, False):
-        meas = _Measurement(matrix(a, 0.1), y, krylov, 20, (d,))
+        meas = Measurement(matrix(a, 0.1), y, krylov, 20, (d,))
         noise = [torch.randn(n, *s, generator=g, dtype=torch.float64) for s in ((d,), (d_y,))]
         extra = () if k is None else (torch.randn(n, d, generator=g, dtype=torch.float64),)
         x, log_pred = meas.gaussian_step(m.expand(n, d), *noise, *extra, v=v, c2=c2, k=k)
@@ -205,8 +205,8 @@ def test_systematic_resampling_counts_are_floor_or_ceil_and_unbiased():
     w = torch.softmax(logw, 0)
     grid = (torch.arange(2000, dtype=torch.float64) + 0.5) / 2000
     for m, fn in ((50, lambda u: systematic_resample(logw, u)),
-                  (50, lambda u: systematic_draws(logw, 50, u)),
-                  (137, lambda u: systematic_draws(logw, 137, u))):
+                  (50, lambda u: systematic_resample(logw, u, 50)),
+                  (137, lambda u: systematic_resample(logw, u, 137))):
         counts = torch.stack([torch.bincount(fn(u), minlength=50) for u in grid]).double()
         assert ((counts >= torch.floor(m * w) - 1e-9) & (counts <= torch.ceil(m * w) + 1e-9)).all()
         assert torch.allclose(counts.mean(0), m * w, atol=2e-3)  # E over u, by quadrature
@@ -341,24 +341,24 @@ def test_chunking_invariance_all_proposals(proposal):
 
 
 def test_options_are_validated():
-    with pytest.raises(InputError, match="proposal"):
+    with pytest.raises(ValueError, match="proposal"):
         SMCSolver(proposal="optimal")
     prior, physics, y, _ = mcgdiff_problem(8, 2, 0)
-    with pytest.raises(InputError, match="kappa"):
+    with pytest.raises(ValueError, match="kappa"):
         SMCSolver(kappa=0.0).solve(y, matrix(physics.matrix, 0.0), prior)
-    with pytest.raises(InputError, match="kernel_variance"):
+    with pytest.raises(ValueError, match="kernel_variance"):
         SMCSolver(kernel_variance="tweedie")
     x = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
     box = blur("gaussian", width=1.0, noise_sigma=0.1, dtype=torch.float64)
-    with pytest.raises(InputError, match="kernel_variance='analytic' needs a prior with mmse"):
+    with pytest.raises(ValueError, match="kernel_variance='analytic' needs a prior with mmse"):
         SMCSolver(kernel_variance="analytic", steps=3).solve(box.A(x), box, _PixelGaussian())
-    with pytest.raises(InputError, match="potential_schedule='tempered' needs a prior with"):
+    with pytest.raises(ValueError, match="potential_schedule='tempered' needs a prior with"):
         SMCSolver(potential_schedule="tempered", steps=3).solve(box.A(x), box, _PixelGaussian())
-    with pytest.raises(InputError, match="potential_schedule"):
+    with pytest.raises(ValueError, match="potential_schedule"):
         SMCSolver(potential_schedule="annealed")
-    with pytest.raises(InputError, match="potential_covariance='full' is not one of"):
+    with pytest.raises(ValueError, match="potential_covariance='full' is not one of"):
         SMCSolver(potential_covariance="full")
-    with pytest.raises(InputError, match="potential_covariance='operator' needs proposal"):
+    with pytest.raises(ValueError, match="potential_covariance='operator' needs proposal"):
         SMCSolver(potential_covariance="operator", proposal="twisted")
     auto = SMCSolver(steps=3, num_particles=4).solve(box.A(x), box, _PixelGaussian())
     assert auto.info["kernel_variance"] == "ddim"
@@ -428,5 +428,5 @@ def test_operator_gain_option_equals_rescaled_kappa():
     assert on.info["kappa"] == pytest.approx(g) and ref.info["kappa"] == g
     assert torch.equal(on.particles, ref.particles)
     assert torch.equal(on.log_weights, ref.log_weights)
-    with pytest.raises(InputError, match="operator_gain='maybe' must be true or false"):
+    with pytest.raises(ValueError, match="operator_gain='maybe' must be true or false"):
         SMCSolver(operator_gain="maybe")

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from diffrecon.errors import InputError
-from diffrecon.recon.base import physics_in_dtype
+from diffrecon.recon.common import physics_in_dtype
 
 DEFAULT_SOLVER = "dds"
 DEFAULT_PRIORS = {"mri": "phantom-mri", "ct": "phantom-ct", "image": "phantom-ct"}

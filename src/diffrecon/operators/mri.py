@@ -92,3 +92,24 @@ def tensor_to_kspace(y: torch.Tensor) -> np.ndarray:
         raise InputError(f"tensor_to_kspace: expected (B, 2, ...), got {tuple(y.shape)}.")
     z = torch.view_as_complex(y.detach().to(torch.float32).movedim(1, -1).contiguous())
     return z.cpu().numpy()
+
+
+
+def _centred(x, torch_fft, numpy_fft):
+    """``fftshift(fft(ifftshift(x), norm="ortho"))`` over the last two axes, torch or numpy."""
+    if isinstance(x, torch.Tensor):
+        return torch.fft.fftshift(torch_fft(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho"),
+                                  dim=(-2, -1))
+    return np.fft.fftshift(numpy_fft(np.fft.ifftshift(x, axes=(-2, -1)), norm="ortho"),
+                           axes=(-2, -1))
+
+
+def fft2c(x):
+    """Centred orthonormal 2D DFT over the last two axes (the F of the module docstring;
+    fastMRI ``fft2c``): numpy array or torch tensor in, the same kind out."""
+    return _centred(x, torch.fft.fft2, np.fft.fft2)
+
+
+def ifft2c(k):
+    """Inverse of :func:`fft2c` (fastMRI ``ifft2c``): numpy array or torch tensor."""
+    return _centred(k, torch.fft.ifft2, np.fft.ifft2)

@@ -17,7 +17,7 @@ SOLVERS: dict[str, str] = {
     "dps": "dps:DPSSolver",
     "reddiff": "reddiff:REDDiffSolver",
     "dds": "dds:DDSSolver",
-    "dds3d": "dds:DDS3DSolver",
+    "dds3d": "dds3d:DDS3DSolver",
     "smc": "smc:SMCSolver",
     "zero-filled": "baselines:ZeroFilledSolver",
     "cg-sense": "baselines:CGSolver",

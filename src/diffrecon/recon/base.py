@@ -1,74 +1,40 @@
-"""Solver base: options handling, per-sample random streams, chunking, counters, timing.
+"""Solver base: the one ``solve()`` every solver shares, and the counting proxies.
 
-A solver subclass defines ``Options`` (a frozen dataclass with documented defaults) and
-``_sample(y, ctx) -> x`` which runs one posterior draw per row of ``y``. The base class
-turns that into the public ``solve(y, physics, prior, *, num_samples, seed, callback)``.
+``solve`` validates, wraps the prior and physics in counting proxies, runs the solver's
+passes and assembles one ``Reconstruction`` with its info (NFE, operator applications, wall
+time, the data residual of the mean). A solver subclass defines ``Options`` (a frozen
+dataclass with documented defaults, validated at construction) and ``_sample(y, ctx)``, one
+pass of draws; the other hooks have defaults that suit per-sample posterior samplers:
+
+    _check(physics, prior)        refuse an unsuitable physics / prior (ValueError, TypeError)
+    _passes(y, ctx, num_samples)  the (rows, context) pairs handed to ``_sample``
+    _combine(draws, ctx)          the pass results -> Reconstruction
+    working_dtype                 dtype of y and the physics inside the solve (None: as given)
+
+Library errors are ordinary exceptions naming the offending option; the pipeline and the
+CLI turn them into one-line input errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from .common import RowNoise, make_generators
+from .common import (
+    RowNoise,
+    make_generators,
+    measurement_entropy,
+    noise_sigma,
+    physics_in_dtype,
+    relative_residual,
+)
 from .reconstruction import Reconstruction
-
-
-def noise_sigma(physics) -> float:
-    """Gaussian noise standard deviation of a deepinv physics (0.0 when noiseless).
-
-    Read once per solve, at the edge, so the step loop never touches the host.
-    """
-    model = getattr(physics, "noise_model", None)
-    sigma = getattr(model, "sigma", None)
-    if sigma is None:
-        return 0.0
-    if isinstance(sigma, Tensor):
-        if sigma.numel() != 1:
-            raise ValueError("per-measurement noise levels are not supported; "
-                             "give physics.noise_model a scalar sigma")
-        return float(sigma.detach().cpu())
-    return float(sigma)
-
-
-def mean_residual(physics, mean: Tensor, y: Tensor) -> list[float]:
-    """Relative data residual ||A(mean_b) - y_b|| / ||y_b|| of each measurement's posterior
-    mean (B floats; one forward application after the step loop, not counted in the NFE /
-    operator tallies)."""
-    with torch.no_grad():
-        r = (physics.A(mean.to(y.dtype)) - y).reshape(y.shape[0], -1)
-        norm = y.reshape(y.shape[0], -1).norm(dim=1).clamp_min(torch.finfo(y.dtype).tiny)
-        return (r.norm(dim=1) / norm).tolist()
-
-
-def physics_in_dtype(physics, dtype: torch.dtype):
-    """A copy of ``physics`` whose buffers and parameters are in ``dtype`` (complex buffers
-    in the matching complex dtype); the caller's object is left untouched. Solvers whose
-    linear algebra is ill-conditioned in float32 (SMC's measurement-space CG at small
-    sigma) run in float64 through this."""
-    import copy
-
-    clone = copy.deepcopy(physics)
-    complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-    for module in clone.modules():
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if buf is None:
-                continue
-            if buf.is_complex():
-                module._buffers[name] = buf.to(complex_dtype)
-            elif buf.is_floating_point():
-                module._buffers[name] = buf.to(dtype)
-        for name, par in list(module.named_parameters(recurse=False)):
-            if par.is_floating_point():
-                module._parameters[name] = torch.nn.Parameter(par.detach().to(dtype),
-                                                              requires_grad=False)
-    return clone
 
 
 class CountingPrior:
@@ -110,34 +76,53 @@ class CountingPhysics:
 
 @dataclass
 class SolveContext:
-    """What ``_sample`` gets besides y: the counted prior and physics, the measurement
-    noise level, per-row random streams, the signal shape and the progress callback."""
+    """What ``_sample`` gets besides y: the counted prior and physics, the measurement noise
+    level, the signal shape, the seed, the progress callback, the diagnostics collected into
+    ``info`` and (per pass) the per-row random streams ``noise``."""
 
     physics: CountingPhysics
     prior: CountingPrior
     sigma_y: float
-    noise: RowNoise
     signal_shape: tuple[int, ...]
+    seed: int | Sequence[int] | None
     callback: Callable[[dict], None] | None
-    diagnostics: dict[str, list]
+    diagnostics: dict[str, Any]
+    noise: RowNoise | None = None
 
     def report(self, **fields) -> None:
         if self.callback is not None:
             self.callback(fields)
 
+    def with_noise(self, entropies: Sequence[Sequence[int]], like: Tensor) -> SolveContext:
+        """This context with one random stream per entropy tuple (one per row)."""
+        noise = RowNoise(make_generators(entropies, like.device), like.dtype, like.device)
+        return dataclasses.replace(self, noise=noise)
 
-def measurement_entropy(seed: int | Sequence[int] | None, batch: int) -> list[tuple[int, ...]]:
-    """Per-measurement seed material: an int seed gives (seed, b); a sequence gives one seed
-    per measurement (the pipeline passes (seed, slice index) so results do not depend on
-    how slices are batched); None draws a fresh seed."""
-    if seed is None:
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-    if isinstance(seed, int):
-        return [(seed, b) for b in range(batch)]
-    seeds = list(seed)
-    if len(seeds) != batch:
-        raise ValueError(f"seed has {len(seeds)} entries but y has batch size {batch}")
-    return [tuple(s) if isinstance(s, tuple | list) else (int(s),) for s in seeds]
+
+def record(diagnostics: dict[str, Any], key: str, values: list[Tensor]) -> None:
+    """Append a step loop's 0-dim tensors to ``diagnostics[key]`` as floats (one host sync,
+    after the loop)."""
+    if values:
+        diagnostics.setdefault(key, []).extend(torch.stack(values).tolist())
+
+
+def signal_shape(y: Tensor, physics, prior) -> tuple[int, ...]:
+    """Shape of x without batch: from A_adjoint for linear physics, else the prior's fixed
+    ``signal_shape``, else the physics' ``img_size``, else (prior.channels, *y's spatial
+    size) for shape-preserving nonlinear operators."""
+    from deepinv.physics import LinearPhysics
+
+    if isinstance(physics, LinearPhysics):
+        with torch.no_grad():
+            return tuple(physics.A_adjoint(y).shape[1:])
+    if getattr(prior, "signal_shape", None) is not None:
+        return tuple(prior.signal_shape)
+    if getattr(physics, "img_size", None) is not None:
+        return tuple(physics.img_size)
+    if getattr(prior, "channels", None) is not None and y.ndim == 4:
+        return (prior.channels, *y.shape[2:])
+    raise ValueError("cannot infer the signal shape for a nonlinear physics: set "
+                     "physics.img_size = (C, H, W)")
 
 
 class Solver:
@@ -146,6 +131,8 @@ class Solver:
     name: ClassVar[str] = "solver"
     Options: ClassVar[type]
     requires_linear: ClassVar[bool] = False
+    requires_prior: ClassVar[bool] = True
+    working_dtype: ClassVar[torch.dtype | None] = None
 
     def __init__(self, options: Any | None = None, **overrides: Any):
         opts = options if options is not None else self.Options()
@@ -159,8 +146,7 @@ class Solver:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
 
-    # -- public --------------------------------------------------------------------------
-    def solve(self, y: Tensor, physics, prior, *, num_samples: int = 1,
+    def solve(self, y: Tensor, physics, prior=None, *, num_samples: int = 1,
               seed: int | Sequence[int] | None = None,
               callback: Callable[[dict], None] | None = None) -> Reconstruction:
         """Draw ``num_samples`` posterior samples for each of the B measurements in ``y``.
@@ -169,84 +155,83 @@ class Solver:
         measurement b depends only on (seed, b, i), not on the batch or chunk it ran in.
         With B > 1 the physics may hold per-measurement parameters; samples then run one
         sample index at a time over the whole batch. With B == 1 samples are batched
-        ``batch_size`` at a time (the physics must broadcast over the batch).
+        ``batch_size`` at a time (the physics must broadcast over the batch). ``callback``
+        receives a dict per step (``i``, ``sigma``, ``x``, ``denoised``, ...).
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        self._check_physics(physics)
+        self._check(physics, prior)
         t0 = time.perf_counter()
-        cphys, cprior = CountingPhysics(physics), CountingPrior(prior)
-        sigma_y = noise_sigma(physics)
-        signal_shape = self._signal_shape(y, physics, prior)
-        batch = y.shape[0]
-        entropy = measurement_entropy(seed, batch)
-        diagnostics: dict[str, list] = {}
-        rows_per_pass = max(1, int(self.options.batch_size))
-        draws = []  # list over sample chunks of (S_chunk, B, *shape)
-        if batch == 1:
-            for start in range(0, num_samples, rows_per_pass):
-                idx = range(start, min(num_samples, start + rows_per_pass))
-                noise = RowNoise(make_generators([(*entropy[0], i) for i in idx], y.device),
-                                 y.dtype, y.device)
-                ctx = SolveContext(cphys, cprior, sigma_y, noise, signal_shape, callback,
-                                   diagnostics)
-                ys = y.expand(len(idx), *y.shape[1:])
-                draws.append(self._sample(ys, ctx).unsqueeze(1))
-        else:
-            for i in range(num_samples):
-                noise = RowNoise(make_generators([(*e, i) for e in entropy], y.device),
-                                 y.dtype, y.device)
-                ctx = SolveContext(cphys, cprior, sigma_y, noise, signal_shape, callback,
-                                   diagnostics)
-                draws.append(self._sample(y, ctx).unsqueeze(0))
-        samples = torch.cat(draws, 0)
-        info = self._info(cphys, cprior, samples.shape[0] * batch, t0, diagnostics)
-        rec = Reconstruction.from_samples(samples.detach(), info)
-        rec.info["residual"] = mean_residual(physics, rec.mean, y)
+        out_dtype, work = y.dtype, self.working_dtype
+        if work is not None and y.dtype != work:
+            y, physics = y.to(work), physics_in_dtype(physics, work)
+        ctx = SolveContext(CountingPhysics(physics), CountingPrior(prior), noise_sigma(physics),
+                           signal_shape(y, physics, prior), seed, callback, {})
+        draws = []
+        for rows, pass_ctx in self._passes(y, ctx, num_samples):
+            draws.append(self._sample(rows, pass_ctx))
+        rec = self._combine(draws, ctx, y.shape[0])
+        rec.info = {**self._info(ctx, self._chains(num_samples, y.shape[0]), t0), **rec.info}
+        with torch.no_grad():
+            rec.info["residual"] = relative_residual(physics, rec.mean, y).tolist()
+        if out_dtype != y.dtype:
+            for name in ("samples", "mean", "std", "particles"):
+                value = getattr(rec, name)
+                if value is not None:
+                    setattr(rec, name, value.to(out_dtype))
         return rec
 
-    # -- for subclasses ------------------------------------------------------------------
-    @staticmethod
-    def _signal_shape(y: Tensor, physics, prior) -> tuple[int, ...]:
-        """Shape of x without batch: from A_adjoint for linear physics, else the prior's
-        fixed ``signal_shape``, else the physics' ``img_size``, else (prior.channels, *y's
-        spatial size) for shape-preserving nonlinear operators."""
-        from deepinv.physics import LinearPhysics
-
-        if isinstance(physics, LinearPhysics):
-            with torch.no_grad():
-                return tuple(physics.A_adjoint(y).shape[1:])
-        if getattr(prior, "signal_shape", None) is not None:
-            return tuple(prior.signal_shape)
-        if getattr(physics, "img_size", None) is not None:
-            return tuple(physics.img_size)
-        if getattr(prior, "channels", None) is not None and y.ndim == 4:
-            return (prior.channels, *y.shape[2:])
-        raise ValueError("cannot infer the signal shape for a nonlinear physics: set "
-                         "physics.img_size = (C, H, W)")
-
-    def _sample(self, y: Tensor, ctx: SolveContext) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def _check_physics(self, physics) -> None:
+    # -- hooks ---------------------------------------------------------------------------
+    def _check(self, physics, prior) -> None:
+        """Refuse what this solver cannot use (TypeError / ValueError naming the solver)."""
         if self.requires_linear:
             from deepinv.physics import LinearPhysics
 
             if not isinstance(physics, LinearPhysics):
                 raise TypeError(f"{self.name} requires a deepinv LinearPhysics (A_adjoint), "
                                 f"got {type(physics).__name__}")
+        if self.requires_prior and prior is None:
+            raise ValueError(f"{self.name} needs a prior (a diffrecon Prior, D(x, sigma))")
 
-    def _info(self, cphys: CountingPhysics, cprior: CountingPrior, chains: int, t0: float,
-              diagnostics: dict[str, list]) -> dict[str, Any]:
+    def _passes(self, y: Tensor, ctx: SolveContext, num_samples: int
+                ) -> Iterator[tuple[Tensor, SolveContext]]:
+        """B == 1: chunks of ``batch_size`` samples (rows = samples of the one measurement);
+        B > 1: one sample index at a time over all measurements (rows = measurements)."""
+        entropy = measurement_entropy(ctx.seed, y.shape[0])
+        if y.shape[0] == 1:
+            rows_per_pass = max(1, int(self.options.batch_size))
+            for start in range(0, num_samples, rows_per_pass):
+                idx = range(start, min(num_samples, start + rows_per_pass))
+                yield (y.expand(len(idx), *y.shape[1:]),
+                       ctx.with_noise([(*entropy[0], i) for i in idx], y))
+        else:
+            for i in range(num_samples):
+                yield y, ctx.with_noise([(*e, i) for e in entropy], y)
+
+    def _sample(self, y: Tensor, ctx: SolveContext) -> Tensor:  # pragma: no cover
+        """One pass: a draw per row of ``y`` (R, *signal_shape)."""
+        raise NotImplementedError
+
+    def _combine(self, draws: list[Tensor], ctx: SolveContext, batch: int) -> Reconstruction:
+        """Equally weighted draws -> samples (S, B, ...): passes over samples (B == 1) are
+        concatenated, passes over measurements (B > 1) stacked."""
+        samples = torch.cat(draws, 0).unsqueeze(1) if batch == 1 else torch.stack(draws, 0)
+        return Reconstruction.from_samples(samples.detach())
+
+    def _chains(self, num_samples: int, batch: int) -> int:
+        """Independent chains the denoiser rows are shared by (NFE = rows / chains)."""
+        return num_samples * batch
+
+    def _info(self, ctx: SolveContext, chains: int, t0: float) -> dict[str, Any]:
         return {
             "solver": self.name,
             "options": {k: (v if isinstance(v, int | float | str | bool | type(None)) else str(v))
                         for k, v in dataclasses.asdict(self.options).items()},
-            "nfe": cprior.rows // max(chains, 1),
-            "denoiser_calls": cprior.calls,
-            "denoiser_rows": cprior.rows,
-            "forward_applications": cphys.forward_calls,
-            "adjoint_applications": cphys.adjoint_calls,
+            "nfe": ctx.prior.rows // max(chains, 1),
+            "denoiser_calls": ctx.prior.calls,
+            "denoiser_rows": ctx.prior.rows,
+            "forward_applications": ctx.physics.forward_calls,
+            "adjoint_applications": ctx.physics.adjoint_calls,
             "wall_time_s": time.perf_counter() - t0,
-            **diagnostics,
+            **ctx.diagnostics,
         }

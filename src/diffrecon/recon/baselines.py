@@ -19,38 +19,35 @@ phantom("mri", 64, i, "val"), i < 4, 8 normalised birdcage coils, fastMRI random
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InputError
-from .base import CountingPhysics, CountingPrior, Solver, mean_residual
-from .common import cg
-from .dds import normal_operator
-from .reconstruction import Reconstruction
+from ..operators.coils import rss
+from ..operators.mri import ifft2c
+from .base import SolveContext, Solver
+from .common import cg, normal_operator, power_iteration
 
 
 class _Deterministic(Solver):
-    """A prior-free baseline: ``_reconstruct(y, physics) -> (x, iterations)``."""
+    """A prior-free baseline: ``_reconstruct(y, physics) -> (x, iterations)``, one pass,
+    one sample whatever ``num_samples``."""
 
     requires_linear = True
+    requires_prior = False
 
-    def solve(self, y: Tensor, physics, prior=None, *, num_samples: int = 1,
-              seed: int | Sequence[int] | None = None,
-              callback: Callable[[dict], None] | None = None) -> Reconstruction:
-        self._check_physics(physics)
-        t0 = time.perf_counter()
-        cphys = CountingPhysics(physics)
+    def _passes(self, y: Tensor, ctx: SolveContext, num_samples: int
+                ) -> Iterator[tuple[Tensor, SolveContext]]:
+        yield y, ctx
+
+    def _sample(self, y: Tensor, ctx: SolveContext) -> Tensor:
         with torch.no_grad():
-            x, iterations = self._reconstruct(y, cphys)
-        info = self._info(cphys, CountingPrior(None), y.shape[0], t0, {})
-        info["iterations"] = iterations
-        info["residual"] = mean_residual(physics, x, y)
-        return Reconstruction.from_samples(x.unsqueeze(0), info)
+            x, iterations = self._reconstruct(y, ctx.physics)
+        ctx.diagnostics["iterations"] = iterations
+        return x
 
     def _reconstruct(self, y: Tensor, physics) -> tuple[Tensor, int]:  # pragma: no cover
         raise NotImplementedError
@@ -72,11 +69,6 @@ class ZeroFilledSolver(_Deterministic):
         return physics.A_adjoint(y), 0
 
 
-def _centred_ifft2(k: Tensor) -> Tensor:
-    k = torch.fft.ifftshift(k, dim=(-2, -1))
-    return torch.fft.fftshift(torch.fft.ifft2(k, norm="ortho"), dim=(-2, -1))
-
-
 def rss_zero_filled(kspace, mask=None, coil_axis: int = -3) -> Tensor:
     """fastMRI zero-filled image: RSS over coils of the centred orthonormal inverse DFT of
     the (masked) k-space.
@@ -88,12 +80,12 @@ def rss_zero_filled(kspace, mask=None, coil_axis: int = -3) -> Tensor:
     """
     k = kspace if isinstance(kspace, Tensor) else torch.from_numpy(np.asarray(kspace))
     if not k.is_complex() or k.ndim < 3:
-        raise InputError(f"rss_zero_filled: kspace must be complex (..., coils, kx, ky), got "
+        raise ValueError(f"rss_zero_filled: kspace must be complex (..., coils, kx, ky), got "
                          f"{k.dtype} {tuple(k.shape)}.")
     if mask is not None:
         m = mask if isinstance(mask, Tensor) else torch.from_numpy(np.asarray(mask))
         k = k * m.to(device=k.device, dtype=k.real.dtype)
-    return _centred_ifft2(k).abs().square().sum(coil_axis).sqrt()
+    return rss(ifft2c(k), coil_axis)
 
 
 # ------------------------------------------------------------------------ CG-SENSE
@@ -137,8 +129,8 @@ class FBPSolver(_Deterministic):
             return base.fbp(y), 0
         if isinstance(base, Tomography):
             return base.A_dagger(y), 0
-        raise InputError(f"fbp: physics must be CT (diffrecon.operators.ct or deepinv "
-                         f"Tomography), got {type(base).__name__}.")
+        raise TypeError(f"fbp: physics must be CT (diffrecon.operators.ct or deepinv "
+                        f"Tomography), got {type(base).__name__}.")
 
 
 # ------------------------------------------------------------------------ sparsity (sigpy)
@@ -176,15 +168,12 @@ def _sigpy_mri(app_cls, y: Tensor, physics, lamda: float, max_iter: int, **kw) -
 
 
 def _power_norm(normal: Callable[[Tensor], Tensor], like: Tensor, iters: int = 20) -> Tensor:
-    """Largest eigenvalue of A^T A (power method from a fixed random start), scalar tensor."""
+    """Largest eigenvalue of A^T A (``power_iteration`` from a fixed random start), scalar
+    tensor."""
     g = torch.Generator().manual_seed(0)
     v = torch.randn(like.shape, generator=g, dtype=like.dtype).to(like.device)
-    lam = torch.ones((), dtype=like.dtype, device=like.device)
-    for _ in range(iters):
-        w = normal(v)
-        lam = w.flatten().norm() / v.flatten().norm()
-        v = w / w.flatten().norm()
-    return lam
+    v, w = power_iteration(normal, v, iters)
+    return w.flatten().norm() / v.flatten().norm()
 
 
 def _fista_tv(y: Tensor, physics, lam: float, iters: int) -> Tensor:
@@ -225,9 +214,9 @@ class L1WaveletSolver(_Deterministic):
 
         o = self.options
         if _mri_parts(physics) is None:
-            raise InputError(f"l1-wavelet: physics must be Cartesian MRI (deepinv MRI or "
-                             f"MultiCoilMRI, diffrecon.operators.mri), got "
-                             f"{type(physics.physics).__name__}.")
+            raise TypeError(f"l1-wavelet: physics must be Cartesian MRI (deepinv MRI or "
+                            f"MultiCoilMRI, diffrecon.operators.mri), got "
+                            f"{type(physics.physics).__name__}.")
         return _sigpy_mri(L1WaveletRecon, y, physics, o.lam, o.iters,
                           wave_name=o.wavelet), o.iters
 
@@ -257,6 +246,6 @@ class TVSolver(_Deterministic):
                               rho=o.rho, max_cg_iter=10), o.iters
         shape = physics.A_adjoint(y).shape
         if len(shape) != 4:
-            raise InputError(f"tv: physics must act on images (B, C, H, W), got signals "
+            raise ValueError(f"tv: physics must act on images (B, C, H, W), got signals "
                              f"{tuple(shape)}.")
         return _fista_tv(y, physics, o.lam, o.iters), o.iters

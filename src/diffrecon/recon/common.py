@@ -1,5 +1,6 @@
 """Small pieces shared by every solver: Tweedie step, DDIM renoising, batched conjugate
-gradients, per-row random streams, ESS and systematic resampling.
+gradients, the normal operator, power iteration, the data residual, per-row random streams,
+ESS and systematic resampling, and the solve-time readers of a physics (noise level, dtype).
 
 All inner products are real and per batch row (sum over every non-batch dimension), so a
 complex image stored as two real channels gets the Hermitian-correct inner product for free.
@@ -133,19 +134,20 @@ def effective_sample_size(log_weights: Tensor, dim: int = 0) -> Tensor:
     return torch.exp(2 * torch.logsumexp(lw, dim) - torch.logsumexp(2 * lw, dim))
 
 
-def systematic_resample(log_weights: Tensor, uniform: Tensor) -> Tensor:
-    """Systematic resampling: ancestor indices (N,) for normalised or unnormalised
-    log-weights (N,), from one U(0, 1) draw ``uniform`` (scalar tensor).
+def systematic_resample(log_weights: Tensor, uniform: Tensor, m: int | None = None) -> Tensor:
+    """Systematic resampling: ``m`` (default N) ancestor indices for normalised or
+    unnormalised log-weights (N,), from one U(0, 1) draw ``uniform`` (scalar tensor).
 
-    Each particle i is copied floor(N w_i) or ceil(N w_i) times (unbiased, lowest variance
-    of the standard schemes; Douc & Cappe 2005).
+    Particle i is copied floor(m w_i) or ceil(m w_i) times (unbiased, lowest variance of the
+    standard schemes; Douc & Cappe 2005); m > N draws with replacement.
     """
     n = log_weights.shape[0]
+    m = n if m is None else m
     w = torch.softmax(log_weights.to(torch.float64), 0)
     cdf = torch.cumsum(w, 0)
     cdf[-1] = 1.0
-    positions = (uniform.to(torch.float64) + torch.arange(n, dtype=torch.float64,
-                                                          device=w.device)) / n
+    positions = (uniform.to(torch.float64) + torch.arange(m, dtype=torch.float64,
+                                                          device=w.device)) / m
     return torch.searchsorted(cdf, positions).clamp_(max=n - 1)
 
 
@@ -190,9 +192,22 @@ class RowNoise:
         return RowNoise(self.generators[rows], self.dtype, self.device)
 
 
+def power_iteration(apply: Callable[[Tensor], Tensor], x: Tensor, iters: int
+                    ) -> tuple[Tensor, Tensor]:
+    """Power method for the largest eigenvalue of a symmetric positive semi-definite
+    ``apply``: ``iters`` applications from ``x``, each next iterate the last image scaled to
+    unit norm. Returns (v, apply(v)) of the last application; the eigenvalue estimate is
+    <v, A v> / <v, v> or ||A v|| / ||v||. Fixed count, no host sync."""
+    av = apply(x)
+    for _ in range(iters - 1):
+        x = av / av.norm().clamp_min(torch.finfo(av.dtype).tiny)
+        av = apply(x)
+    return x, av
+
+
 def operator_norm(physics, x_shape: tuple[int, ...], *, iters: int = 30, dtype=torch.float64,
                   device=None, seed: int = 0) -> float:
-    """Largest singular value ||A|| of a linear physics by power iteration on A^T A from a
+    """Largest singular value ||A|| of a linear physics by ``power_iteration`` on A^T A from a
     fixed random start (deterministic). Called once per solve, at the edge (one host sync).
     Nonlinear physics (no adjoint) return 1.0."""
     from deepinv.physics import LinearPhysics
@@ -202,11 +217,82 @@ def operator_norm(physics, x_shape: tuple[int, ...], *, iters: int = 30, dtype=t
         return 1.0
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn((1, *x_shape), generator=g, dtype=dtype).to(device)
-    norm_sq = torch.zeros((), dtype=dtype, device=device)
     with torch.no_grad():
-        for _ in range(iters):
-            x = x / x.norm().clamp_min(torch.finfo(dtype).tiny)
-            ax = base.A_adjoint(base.A(x.to(dtype)))
-            norm_sq = bdot(x, ax.to(x.dtype))[0]
-            x = ax.to(x.dtype)
+        v, av = power_iteration(lambda u: base.A_adjoint(base.A(u)).to(dtype),
+                                x / x.norm().clamp_min(torch.finfo(dtype).tiny), iters)
+        norm_sq = bdot(v, av)[0]
     return float(norm_sq.clamp_min(0).sqrt())
+
+
+def normal_operator(physics) -> Callable[[Tensor], Tensor]:
+    """x -> A^T A x: the physics' closed form when its class overrides ``A_adjoint_A``
+    (deepinv's default is A_adjoint(A(x))), else A_adjoint(A(x)) through ``physics`` (so a
+    counting proxy counts both applications)."""
+    from deepinv.physics import LinearPhysics
+
+    base = getattr(physics, "physics", physics)  # unwrap the solver's counting proxy
+    if type(base).A_adjoint_A is not LinearPhysics.A_adjoint_A:
+        return base.A_adjoint_A
+    return lambda x: physics.A_adjoint(physics.A(x))
+
+
+def relative_residual(physics, x: Tensor, y: Tensor) -> Tensor:
+    """Data residual ||A(x_b) - y_b|| / ||y_b|| of each row, (B,) in y's dtype (no host
+    sync). The one definition behind ``info["residual"]`` and the per-step diagnostics."""
+    r = (physics.A(x.to(y.dtype)) - y).reshape(y.shape[0], -1)
+    norm = y.reshape(y.shape[0], -1).norm(dim=1).clamp_min(torch.finfo(y.dtype).tiny)
+    return r.norm(dim=1) / norm
+
+
+def noise_sigma(physics) -> float:
+    """Gaussian noise standard deviation of a deepinv physics (0.0 when noiseless); a
+    per-measurement (non-scalar) sigma raises ValueError. Read once per solve, at the edge,
+    so the step loop never touches the host."""
+    model = getattr(physics, "noise_model", None)
+    sigma = getattr(model, "sigma", None)
+    if sigma is None:
+        return 0.0
+    if isinstance(sigma, Tensor):
+        if sigma.numel() != 1:
+            raise ValueError("per-measurement noise levels are not supported; "
+                             "give physics.noise_model a scalar sigma")
+        return float(sigma.detach().cpu())
+    return float(sigma)
+
+
+def physics_in_dtype(physics, dtype: torch.dtype):
+    """A copy of ``physics`` whose buffers and parameters are in ``dtype`` (complex buffers
+    in the matching complex dtype); the caller's object is left untouched. Solvers whose
+    linear algebra is ill-conditioned in float32 (SMC's measurement-space CG at small
+    sigma) run in float64 through this."""
+    import copy
+
+    clone = copy.deepcopy(physics)
+    complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    for module in clone.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf is None:
+                continue
+            if buf.is_complex():
+                module._buffers[name] = buf.to(complex_dtype)
+            elif buf.is_floating_point():
+                module._buffers[name] = buf.to(dtype)
+        for name, par in list(module.named_parameters(recurse=False)):
+            if par.is_floating_point():
+                module._parameters[name] = torch.nn.Parameter(par.detach().to(dtype),
+                                                              requires_grad=False)
+    return clone
+
+
+def measurement_entropy(seed: int | Sequence[int] | None, batch: int) -> list[tuple[int, ...]]:
+    """Per-measurement seed material: an int seed gives (seed, b); a sequence gives one seed
+    per measurement (the pipeline passes (seed, slice index) so results do not depend on
+    how slices are batched); None draws a fresh seed."""
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    if isinstance(seed, int):
+        return [(seed, b) for b in range(batch)]
+    seeds = list(seed)
+    if len(seeds) != batch:
+        raise ValueError(f"seed has {len(seeds)} entries but y has batch size {batch}")
+    return [tuple(s) if isinstance(s, tuple | list) else (int(s),) for s in seeds]

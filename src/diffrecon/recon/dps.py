@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import SolveContext, Solver
+from .base import SolveContext, Solver, record
 from .common import ddim_fresh_fraction, operator_norm, renoise, tweedie
 from .schedules import solver_sigmas, vp_alpha
 
@@ -50,6 +50,11 @@ class DPSOptions:
     sigma_min: float | None = None
     batch_size: int = 16          # rows per pass (memory: one backward per pass)
 
+    def __post_init__(self):
+        if self.step_scale not in STEP_SCALES:
+            raise ValueError(f"dps: option step_scale={self.step_scale!r} is not one of "
+                             f"{', '.join(STEP_SCALES)}.")
+
 
 class DPSSolver(Solver):
     """Diffusion posterior sampling for any differentiable deepinv Physics.
@@ -68,9 +73,6 @@ class DPSSolver(Solver):
 
     def _sample(self, y: Tensor, ctx: SolveContext) -> Tensor:
         o = self.options
-        if o.step_scale not in STEP_SCALES:
-            raise ValueError(f"dps: unknown step_scale {o.step_scale!r}; valid: "
-                             f"{', '.join(STEP_SCALES)}")
         sigmas = solver_sigmas(o.schedule, o.steps, ctx.prior, o.sigma_min,
                                o.sigma_max).to(y.device)
         a = vp_alpha(sigmas) if o.step_scale == "vp" else torch.ones_like(sigmas)
@@ -102,5 +104,5 @@ class DPSSolver(Solver):
             fresh = ddim_fresh_fraction(o.eta, sigma, sigma_next)
             z = renoise(x0, eps, sigma_next, fresh, ctx.noise.randn(*ctx.signal_shape))
             z = z - step_sizes[i] * grad
-        ctx.diagnostics.setdefault("residual_norm", []).extend(torch.stack(residuals).tolist())
+        record(ctx.diagnostics, "residual_norm", residuals)
         return x0

@@ -40,7 +40,7 @@ import torch
 from deepinv.physics import LinearPhysics, Physics
 from torch import Tensor
 
-from .base import SolveContext, Solver
+from .base import SolveContext, Solver, record
 from .common import bdot, cg, measured_entries, tweedie
 from .schedules import solver_sigmas
 
@@ -74,6 +74,11 @@ class REDDiffOptions:
     sigma_max: float | None = None
     sigma_min: float | None = None
     batch_size: int = 16          # rows per pass
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"reddiff: option weighting={self.weighting!r} is not one of "
+                             f"{', '.join(WEIGHTINGS)}.")
 
 
 def adam_step(x: Tensor, grad: Tensor, m: Tensor, v: Tensor, k: int, lr: float,
@@ -133,9 +138,6 @@ class REDDiffSolver(Solver):
 
     def _sample(self, y: Tensor, ctx: SolveContext) -> Tensor:
         o = self.options
-        if o.weighting not in WEIGHTINGS:
-            raise ValueError(f"reddiff: unknown weighting {o.weighting!r}; valid: "
-                             f"{', '.join(WEIGHTINGS)}")
         sigmas = solver_sigmas(o.schedule, o.steps, ctx.prior, o.sigma_min,
                                o.sigma_max)[:-1].to(y.device)
         lo, hi = ctx.prior.data_range
@@ -159,6 +161,6 @@ class REDDiffSolver(Solver):
             mu, m, v = adam_step(mu.detach(), grad, m, v, i + 1, lr)
             residuals.append((2 * data.detach()).sqrt().mean() * sigma_y)
             ctx.report(i=i, sigma=sigma, x=mu, denoised=x0)
-        ctx.diagnostics.setdefault("residual_norm", []).extend(torch.stack(residuals).tolist())
+        record(ctx.diagnostics, "residual_norm", residuals)
         ctx.diagnostics["note"] = NOTE
         return mu
