@@ -204,7 +204,7 @@ def test_detect_modality_and_read_scan(tmp_path):
     rng = np.random.default_rng(7)
     p_mri = write_mri_scan(tmp_path / "m.h5", _mri_scan(rng))
     p_ct = write_ct_scan(tmp_path / "c.h5", CTScan(np.zeros((1, 3, 4), np.float32),
-                                                    np.arange(3.0)))
+                                                    np.arange(3.0) * np.pi / 3))
     p_img = write_image_scan(tmp_path / "i.h5", ImageScan(np.zeros((1, 1, 4, 4)), "blur"))
     assert [detect_modality(p) for p in (p_mri, p_ct, p_img)] == ["mri", "ct", "image"]
     assert isinstance(read_scan(p_ct), CTScan) and isinstance(read_scan(p_img), ImageScan)
@@ -276,7 +276,7 @@ _CT_BAD = {
     "angles length": (lambda d, a: d.update(angles=d["angles"][:-1]), "angles", "one angle"),
     "missing angles": (lambda d, a: d.pop("angles"), "angles", "missing"),
     "detector attr": (lambda d, a: a.update(n_detectors=5), "n_detectors", "match"),
-    "geometry": (lambda d, a: a.update(geometry="fan"), "geometry", "parallel"),
+    "geometry": (lambda d, a: a.update(geometry="cone"), "geometry", "parallel"),
     "ground truth size": (lambda d, a: d.update(ground_truth=np.zeros((2, 5, 5), np.float32)),
                           "ground_truth", "image_size"),
 }

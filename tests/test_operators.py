@@ -71,6 +71,11 @@ def _build(name: str, dtype: torch.dtype, noise_sigma: float = 0.0):
         else:
             p = ct(24, views=12, angle_range=math.pi / 2, n_detectors=n_det, dtype=dtype, **kw)
         return p, (2, 1, 24, 24), (2, 1, n_det or 34, p.angles.numel()), False
+    if kind == "ctfan":  # fan beam, flat or curved detector, 3 chunks of views
+        p = ct(24, views=9, geometry="fan", detector=rest[0], source_to_isocentre_mm=40.0,
+               source_to_detector_mm=70.0, detector_spacing_mm=1.5, n_detectors=40,
+               chunk_samples=40 * 40 * 3 * 2, dtype=dtype, **kw)
+        return p, (2, 1, 24, 24), (2, 1, 40, 9), False
     if kind == "matrix":
         return matrix(MATRIX, noise_sigma), (64, 8), (64, 6), True
     raise ValueError(name)
@@ -83,6 +88,7 @@ CASES = (
     + ["superres-x2-bicubic-reflect", "inpaint-random", "inpaint-box"]
     + [f"mri-{c}-{m}" for c in ("single", "multi") for m in ("1d", "2d")]
     + ["mri-batchmaps-1d", "ct-sparse", "ct-limited", "ct-sparse-40", "ct-limited-30", "matrix"]
+    + ["ctfan-flat", "ctfan-curved"]
 )
 NORMAL_CASES = [c for c in CASES if _build(c, torch.float64)[3]]
 

@@ -1,21 +1,40 @@
-"""CT scan files (2D parallel-beam, slice by slice).
+"""CT scan files (2D parallel-beam or fan-beam, slice by slice).
 
 Layout::
 
-    sinogram      float32 (slices, angles, detectors): line integrals in units of
-                  (attenuation per pixel) x pixels, i.e. the Radon transform of an image
-                  with pixel size 1 (multiply by ``pixel_size`` for physical units)
-    angles        float64 (angles,): projection angles in radians
-    ground_truth  optional float32 (slices, H, W) (simulated scans)
-    attrs         geometry = "parallel" (the only one supported), n_detectors (= detectors),
-                  image_size (H = W of the reconstruction), pixel_size (mm, metadata only),
-                  noise_sigma (std of the additive Gaussian sinogram noise, sinogram units)
+    sinogram      float32 (slices, angles, detectors): line integrals of the image (see
+                  ``units``), one row per view
+    angles        float64 (angles,): view angles in RADIANS (checked: finite, not all equal,
+                  a span max - min of at most 2 pi + 0.1, not all integers; degrees are an
+                  error naming 'angles'), measured as in ``operators.ct``
+    ground_truth  optional float32 (slices, H, W) (simulated scans), in image units
+    attrs         geometry        "parallel" (default) or "fan"
+                  n_detectors     = detectors (sinogram columns)
+                  image_size      N, the reconstruction is N x N (default: n_detectors)
+                  pixel_size      reconstruction pixel size in mm (default 1; required for
+                                  fan beam and for units "1/mm")
+                  units           image units: "1/pixel" (default; attenuation per pixel
+                                  length, so the sinogram is the line integral in pixel
+                                  lengths) or "1/mm" (linear attenuation coefficient in
+                                  1/mm; the sinogram is dimensionless, -log(I / I0))
+                  intensity_scale image units per prior unit (default 1): the prior sees
+                                  image / intensity_scale (e.g. 0.02 for "1/mm": water,
+                                  mu ~ 0.019 /mm at 70 keV, maps to ~1)
+                  noise_sigma     std of the additive Gaussian sinogram noise (sinogram
+                                  units; default 0)
+                  fan beam only (all required, distances in mm, see ``operators.ct``):
+                  source_to_isocentre_mm, source_to_detector_mm (> source_to_isocentre_mm),
+                  detector_spacing_mm (at the detector; arc length on a curved detector),
+                  detector_shape "flat" or "curved" (equiangular arc centred on the source)
 
-Missing attributes default to geometry "parallel", image_size = n_detectors, pixel_size 1,
-noise_sigma 0; present but inconsistent ones raise ``InputError``. ``scan.physics()`` builds
-the matching ``operators.ct(image_size, angles=angles, n_detectors=n_detectors,
-noise_sigma=noise_sigma)``, whose sinogram layout is (slices, 1, detectors, angles):
-convert with :func:`sinogram_to_tensor` / :func:`tensor_to_sinogram` (``scan.measurement()``).
+Parallel beam: detectors 1 pixel apart (``operators.ct`` convention). Missing attributes get
+the defaults above; present but invalid ones raise ``InputError`` naming the file and the
+attribute, before any computation. ``scan.physics()`` builds the matching ``operators.ct``
+(raw line integrals in pixel lengths on images in "1/pixel"), whose sinogram layout is
+(slices, 1, detectors, angles): convert with :func:`sinogram_to_tensor` /
+:func:`tensor_to_sinogram` (``scan.measurement()``). Unit conversion lives in one place,
+:func:`prior_scales`: image = image_scale * x_prior and sinogram = sinogram_scale *
+A(x_prior).
 """
 
 from __future__ import annotations
@@ -25,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from diffrecon.datasets.io import (
@@ -34,12 +52,17 @@ from diffrecon.datasets.io import (
     check_shape,
     open_h5_checked,
     read_array,
-    slice_index,
+    slice_selection,
     write_attrs,
 )
 from diffrecon.errors import InputError
+from diffrecon.operators.ct import check_angles
 
-GEOMETRIES = ("parallel",)
+GEOMETRIES = ("parallel", "fan")
+UNITS = ("1/pixel", "1/mm")
+DETECTOR_SHAPES = ("flat", "curved")
+FAN_ATTRS = ("source_to_isocentre_mm", "source_to_detector_mm", "detector_spacing_mm",
+             "detector_shape")
 
 
 @dataclass
@@ -69,25 +92,60 @@ class CTScan:
     def noise_sigma(self) -> float:
         return float(self.attrs["noise_sigma"])
 
-    def physics(self, device=None, noise_sigma: float | None = None):
-        """The parallel-beam operator of this scan, ``operators.ct(image_size, angles=angles,
-        n_detectors=n_detectors, noise_sigma=noise_sigma)`` (``noise_sigma`` overrides the
-        file's). Its measurements are ``sinogram_to_tensor(scan.sinogram)``."""
+    @property
+    def geometry(self) -> str:
+        return str(self.attrs.get("geometry", "parallel"))
+
+    def physics(self, device=None, noise_sigma: float | None = None, dtype=None):
+        """The operator of this scan, ``operators.ct(image_size, angles=angles,
+        n_detectors=n_detectors, noise_sigma=noise_sigma, ...)`` with the fan-beam geometry
+        attributes when ``geometry`` is "fan" (``noise_sigma`` overrides the file's). Its
+        measurements are ``sinogram_to_tensor(scan.sinogram)``; its images are in
+        "1/pixel" (see :func:`prior_scales`)."""
+        import torch
+
         from diffrecon.operators.ct import ct
 
         sigma = self.noise_sigma if noise_sigma is None else float(noise_sigma)
+        kwargs = {}
+        if self.geometry == "fan":
+            kwargs = {"geometry": "fan",
+                      "source_to_isocentre_mm": float(self.attrs["source_to_isocentre_mm"]),
+                      "source_to_detector_mm": float(self.attrs["source_to_detector_mm"]),
+                      "detector_spacing_mm": float(self.attrs["detector_spacing_mm"]),
+                      "detector": str(self.attrs["detector_shape"]),
+                      "pixel_size_mm": float(self.attrs["pixel_size"])}
         try:
             return ct(self.image_size, angles=np.asarray(self.angles),
                       n_detectors=int(self.sinogram.shape[-1]), noise_sigma=sigma,
-                      device=device)
+                      device=device, dtype=dtype or torch.float32, **kwargs)
         except InputError as exc:
             where = self.path if self.path is not None else "CT scan"
             raise InputError(f"{where}: attributes do not define a valid CT operator "
                              f"({exc})") from exc
 
+    @property
+    def scales(self) -> tuple[float, float]:
+        """:func:`prior_scales` of this scan's attributes."""
+        return prior_scales(self.attrs)
+
     def measurement(self, device=None, dtype=None):
         """The sinogram as the operator's measurement tensor (slices, 1, detectors, angles)."""
         return sinogram_to_tensor(self.sinogram, device=device, dtype=dtype)
+
+
+def prior_scales(attrs: dict[str, Any]) -> tuple[float, float]:
+    """(image_scale, sinogram_scale) of a CT layout's attributes: the one conversion between
+    a prior's units and the file's. A reconstruction x_prior in the prior's units is the image
+    ``image_scale * x_prior`` in the file's units (``intensity_scale``), and its sinogram is
+    ``sinogram_scale * A(x_prior)`` with A = ``scan.physics()`` (line integrals in pixel
+    lengths): sinogram_scale = intensity_scale, times ``pixel_size`` (mm) when ``units`` is
+    "1/mm" (mu [1/mm] * pixel [mm] = attenuation per pixel length). So the measurement in
+    the prior's units is sinogram / sinogram_scale. Assumes validated attributes (defaults
+    as in the module docstring)."""
+    image_scale = float(attrs.get("intensity_scale", 1.0))
+    per_pixel = float(attrs.get("pixel_size", 1.0)) if attrs.get("units") == "1/mm" else 1.0
+    return image_scale, image_scale * per_pixel
 
 
 def sinogram_to_tensor(sinogram: np.ndarray, device=None, dtype=None):
@@ -109,13 +167,12 @@ def read_ct_scan(path: str | os.PathLike, slices=None) -> CTScan:
     """Read and validate a CT scan file (read-only); ``slices`` as in ``read_mri_scan``."""
     path = Path(path)
     with open_h5_checked(path) as f:
-        ds = f.get("sinogram")
-        index = (slice_index(slices, ds.shape[0], path)
-                 if isinstance(ds, h5py.Dataset) and ds.ndim > 0 else None)
+        index = slice_selection(f, "sinogram", slices)
         sino = read_array(f, "sinogram", kinds="f", ndim=3, index=index)
         angles = read_array(f, "angles", kinds="fiu", ndim=1)
         check_shape(path, "angles", angles.shape, (sino.shape[1],),
                     "one angle per row of 'sinogram' (slices, angles, detectors)")
+        check_angles(angles, f"{path}: dataset 'angles'")
         gt = read_array(f, "ground_truth", kinds="f", ndim=3, required=False, index=index)
         attrs = attrs_to_dict(f.attrs)
     if gt is not None:
@@ -128,32 +185,61 @@ def read_ct_scan(path: str | os.PathLike, slices=None) -> CTScan:
                   path=path)
 
 
+def _number(path, attrs, key, want: str, ok) -> float | None:
+    """The finite number attribute ``key`` (None if absent) passing ``ok``, else an error."""
+    if key not in attrs:
+        return None
+    val = attrs[key]
+    if not (isinstance(val, (int, float)) and not isinstance(val, bool) and np.isfinite(val)
+            and ok(val)):
+        raise InputError(f"{path}: attribute '{key}' is {val!r}, expected {want}")
+    return float(val)
+
+
+def _choice(path, attrs, key, choices, default) -> str:
+    val = attrs.get(key, default)
+    if val not in choices:
+        raise InputError(f"{path}: attribute '{key}' is {val!r}, expected "
+                         f"{' or '.join(repr(c) for c in choices)}")
+    return val
+
+
 def _check_attrs(path, attrs: dict[str, Any], n_det: int, gt) -> None:
-    geom = attrs.get("geometry", "parallel")
-    if geom not in GEOMETRIES:
-        raise InputError(f"{path}: attribute 'geometry' is {geom!r}, expected 'parallel'")
+    geom = _choice(path, attrs, "geometry", GEOMETRIES, "parallel")
+    units = _choice(path, attrs, "units", UNITS, "1/pixel")
     if "n_detectors" in attrs and attrs["n_detectors"] != n_det:
         raise InputError(f"{path}: attribute 'n_detectors' is {attrs['n_detectors']!r} but "
                          f"dataset 'sinogram' has {n_det} detectors, expected them to match")
-    for key in ("image_size", "pixel_size", "noise_sigma"):
-        if key not in attrs:
-            continue
-        val = attrs[key]
-        ok = isinstance(val, (int, float)) and not isinstance(val, bool) and np.isfinite(val)
-        if key == "image_size":
-            ok = ok and float(val) == int(val) and val >= 1
-        elif key == "pixel_size":
-            ok = ok and val > 0
-        else:
-            ok = ok and val >= 0
-        if not ok:
-            want = {"image_size": "a positive integer", "pixel_size": "a positive number",
-                    "noise_sigma": "a number >= 0"}[key]
-            raise InputError(f"{path}: attribute '{key}' is {val!r}, expected {want}")
-    if gt is not None and "image_size" in attrs and gt.shape[1:] != (int(attrs["image_size"]),) * 2:
+    size = _number(path, attrs, "image_size", "a positive integer",
+                   lambda v: float(v) == int(v) and v >= 1)
+    pixel = _number(path, attrs, "pixel_size", "a positive number (mm)", lambda v: v > 0)
+    _number(path, attrs, "noise_sigma", "a number >= 0", lambda v: v >= 0)
+    _number(path, attrs, "intensity_scale", "a positive number (image units per prior unit)",
+            lambda v: v > 0)
+    if pixel is None and (units == "1/mm" or geom == "fan"):
+        why = "units '1/mm'" if units == "1/mm" else "geometry 'fan'"
+        raise InputError(f"{path}: attribute 'pixel_size' is missing, expected the pixel size "
+                         f"in mm (required by {why})")
+    if geom == "fan":
+        for key in FAN_ATTRS:
+            if key not in attrs:
+                raise InputError(f"{path}: attribute '{key}' is missing, expected it for "
+                                 f"geometry 'fan' (needs {', '.join(FAN_ATTRS)})")
+        _choice(path, attrs, "detector_shape", DETECTOR_SHAPES, None)
+        dso, dsd, _ = (_number(path, attrs, key, "a positive number (mm)", lambda v: v > 0)
+                       for key in FAN_ATTRS[:3])
+        if not dsd > dso:
+            raise InputError(f"{path}: attribute 'source_to_detector_mm' is {dsd!r}, expected "
+                             f"more than 'source_to_isocentre_mm' ({dso!r})")
+        n = size if size is not None else n_det
+        radius = np.sqrt(2) * n / 2 * pixel
+        if not dso > radius:
+            raise InputError(f"{path}: attribute 'source_to_isocentre_mm' is {dso!r}, expected "
+                             f"more than the image half-diagonal {radius:.4g} mm (source "
+                             f"outside the field of view)")
+    if gt is not None and size is not None and gt.shape[1:] != (int(size),) * 2:
         raise InputError(f"{path}: dataset 'ground_truth' has shape {gt.shape}, expected "
-                         f"(slices, {attrs['image_size']}, {attrs['image_size']}) "
-                         f"(attribute 'image_size')")
+                         f"(slices, {int(size)}, {int(size)}) (attribute 'image_size')")
 
 
 def write_ct_scan(path: str | os.PathLike, scan: CTScan) -> Path:

@@ -26,28 +26,13 @@ from diffrecon.datasets.ct import CTScan, tensor_to_sinogram, write_ct_scan
 from diffrecon.datasets.fastmri import MRIScan, default_header, write_mri_scan
 from diffrecon.datasets.images import ImageScan, write_image_scan
 from diffrecon.errors import InputError
+from diffrecon.operators.coils import rss
+from diffrecon.operators.mri import fft2c, ifft2c
 
 MRI_SCALE = 1e-4
 MASK_TYPES = ("random", "equispaced", "equispaced_fraction", "poisson")
 SLICE_STRIDE = 100_000
 _STREAM_MASK, _STREAM_NOISE = 1, 2
-
-
-def fft2c(x: np.ndarray) -> np.ndarray:
-    """Centred orthonormal 2D FFT over the last two axes (fastMRI ``fft2c``)."""
-    axes = (-2, -1)
-    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=axes), norm="ortho"), axes=axes)
-
-
-def ifft2c(k: np.ndarray) -> np.ndarray:
-    """Centred orthonormal 2D inverse FFT over the last two axes (fastMRI ``ifft2c``)."""
-    axes = (-2, -1)
-    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=axes), norm="ortho"), axes=axes)
-
-
-def rss(coil_images: np.ndarray, axis: int = 1) -> np.ndarray:
-    """Root-sum-of-squares coil combination (fastMRI ``rss``)."""
-    return np.sqrt((np.abs(coil_images) ** 2).sum(axis))
 
 
 def _check(name: str, value, ok: bool, want: str) -> None:
@@ -161,14 +146,37 @@ def simulate_mri(path: str | os.PathLike, *, size: int = 128, slices: int = 2, c
     return write_mri_scan(path, scan)
 
 
+def fan_defaults(size: int, pixel_size_mm: float) -> dict[str, float]:
+    """Clinical fan-beam proportions for an N x N image of ``pixel_size_mm`` pixels (field of
+    view F = N * pixel): source-to-isocentre 1.66 F and source-to-detector 1.825 times that
+    (Siemens SOMATOM Definition: 595 mm and 1085.6 mm for a 358 mm field of view), detector
+    spacing = pixel size magnified to the detector (one detector per pixel at the
+    isocentre)."""
+    fov = float(size) * float(pixel_size_mm)
+    dso = 1.66 * fov
+    dsd = 1.825 * dso
+    return {"source_to_isocentre_mm": dso, "source_to_detector_mm": dsd,
+            "detector_spacing_mm": float(pixel_size_mm) * dsd / dso}
+
+
 def simulate_ct(path: str | os.PathLike, *, size: int = 128, slices: int = 2, views: int = 30,
-                angle_range: float = math.pi, n_detectors: int | None = None,
+                angle_range: float | None = None, n_detectors: int | None = None,
                 noise: float = 0.0, seed: int = 0, split: str = "test",
-                family: str = "ellipses") -> Path:
-    """Simulate a parallel-beam CT scan: ``views`` angles uniform on [0, ``angle_range``),
-    sinogram = ``operators.ct`` applied to phantoms of ``family`` (values in [0, 1] per
-    pixel), plus Gaussian noise of std ``noise * max(clean sinogram)`` (max over the whole
-    file; stored as ``noise_sigma`` in sinogram units)."""
+                family: str = "ellipses", geometry: str = "parallel",
+                pixel_size_mm: float = 1.0, source_to_isocentre_mm: float | None = None,
+                source_to_detector_mm: float | None = None,
+                detector_spacing_mm: float | None = None,
+                detector_shape: str = "flat") -> Path:
+    """Simulate a CT scan: ``views`` angles uniform on [0, ``angle_range``) radians (default
+    pi for parallel beam, 2 pi for fan beam), sinogram = ``operators.ct`` applied to phantoms
+    of ``family`` (values in [0, 1] per pixel, units "1/pixel"), plus Gaussian noise of std
+    ``noise * max(clean sinogram)`` (max over the whole file; stored as ``noise_sigma`` in
+    sinogram units).
+
+    ``geometry="fan"``: fan beam with ``pixel_size_mm`` pixels, ``detector_shape`` "flat" or
+    "curved", and the distances in mm (each None takes :func:`fan_defaults`); the default
+    ``n_detectors`` covers the image. All geometry attributes of the CT layout are written.
+    """
     from diffrecon.operators.ct import ct
 
     _check("size", size, isinstance(size, int) and size >= 8, "an integer >= 8")
@@ -179,9 +187,25 @@ def simulate_ct(path: str | os.PathLike, *, size: int = 128, slices: int = 2, vi
     _check("seed", seed, isinstance(seed, (int, np.integer)) and seed >= 0, "an integer >= 0")
     _check("family", family, family in ("ellipses", "shepp-logan", "mri"),
            "ellipses, shepp-logan or mri")
+    _check("geometry", geometry, geometry in ("parallel", "fan"), "parallel or fan")
+    _check("pixel_size_mm", pixel_size_mm, pixel_size_mm > 0, "a number > 0")
+    fan = geometry == "fan"
+    if angle_range is None:
+        angle_range = 2 * math.pi if fan else math.pi
     path = Path(path)
     x = _images(family, size, seed, slices, split)
     kwargs = {} if n_detectors is None else {"n_detectors": int(n_detectors)}
+    attrs = {"geometry": geometry, "image_size": size, "pixel_size": float(pixel_size_mm),
+             "units": "1/pixel"}
+    if fan:
+        given = {"source_to_isocentre_mm": source_to_isocentre_mm,
+                 "source_to_detector_mm": source_to_detector_mm,
+                 "detector_spacing_mm": detector_spacing_mm}
+        fan_geo = {k: (float(v) if v is not None else fan_defaults(size, pixel_size_mm)[k])
+                   for k, v in given.items()}
+        kwargs.update(geometry="fan", detector=detector_shape, pixel_size_mm=pixel_size_mm,
+                      **fan_geo)
+        attrs.update(fan_geo, detector_shape=detector_shape)
     import torch
 
     physics = ct(size, views=views, angle_range=angle_range, noise_sigma=0.0, **kwargs)
@@ -191,11 +215,13 @@ def simulate_ct(path: str | os.PathLike, *, size: int = 128, slices: int = 2, vi
     if sigma > 0:
         rng = np.random.default_rng([int(seed), _STREAM_NOISE])
         sino = sino + sigma * rng.standard_normal(sino.shape)
-    attrs = {"geometry": "parallel", "image_size": size, "pixel_size": 1.0,
-             "noise_sigma": sigma,
-             "simulation": _provenance("ct", size=size, slices=slices, views=views,
-                                       angle_range=angle_range, n_detectors=n_detectors,
-                                       noise=noise, seed=seed, split=split, family=family)}
+    attrs["noise_sigma"] = sigma
+    fan_args = ({"geometry": geometry, "pixel_size_mm": pixel_size_mm,
+                 "detector_shape": detector_shape, **fan_geo} if fan else {})
+    attrs["simulation"] = _provenance(
+        "ct", size=size, slices=slices, views=views, angle_range=angle_range,
+        n_detectors=n_detectors, noise=noise, seed=seed, split=split, family=family,
+        **fan_args)
     scan = CTScan(sinogram=sino.astype(np.float32), angles=_to_numpy(physics.angles),
                   attrs=attrs, ground_truth=x)
     return write_ct_scan(path, scan)
