@@ -1,4 +1,5 @@
-"""Adapters and the loader registry on tiny random networks saved to tmp_path (no downloads)."""
+"""Adapters (parameterisations) and the loader registry on tiny random networks saved to
+tmp_path (no downloads). Equality with the ORIGINAL repositories' code is test_checkpoints.py."""
 
 import math
 
@@ -7,14 +8,19 @@ import torch
 from deepinv.models import ADMUNet, DRUNet, NCSNpp
 
 from diffrecon.errors import InputError
-from diffrecon.priors.adapters import GuidedDiffusionUNet, VEScorePrior, vp_betas
+from diffrecon.priors.adapters import VEScorePrior, vp_betas
+from diffrecon.priors.checkpoints.adm import GuidedDiffusionUNet
 from diffrecon.priors.registry import KINDS, available, load
 
 ADM_CFG = dict(image_size=16, in_channels=1, num_channels=32, num_res_blocks=1,
                channel_mult=(1, 2), attention_resolutions="8", num_heads=1,
                num_head_channels=-1)
-EDM_ARCH = dict(img_resolution=16, in_channels=1, out_channels=1, model_channels=32,
-                channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0)
+ADM_NET = dict(in_channels=1, model_channels=32, num_res_blocks=1, channel_mult=(1, 2),
+               attention_resolutions=(2,), num_heads=1, num_head_channels=-1,
+               use_scale_shift_norm=True, resblock_updown=True)
+# >= 128 channels: deepinv's blocks (32 groups) and EDM's (min(32, C / 4)) then agree
+EDM_ARCH = dict(img_resolution=16, in_channels=1, out_channels=1, model_channels=128,
+                channel_mult=(1,), num_blocks=1, attn_resolutions=(16,), dropout=0.0)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,7 +53,7 @@ def _save(tmp_path, net, config=None, name="model.pt"):
 
 @pytest.fixture(scope="module")
 def adm_net():
-    return _randomise(GuidedDiffusionUNet(learn_sigma=True, **ADM_CFG))
+    return _randomise(GuidedDiffusionUNet(out_channels=2, **ADM_NET))
 
 
 def _train_sigma(t, betas=None):
@@ -106,10 +112,10 @@ def test_sigma_forms_and_dtypes(tmp_path, adm_net):
 
 
 def test_vpred_identity(tmp_path):
-    net = _randomise(GuidedDiffusionUNet(learn_sigma=False, **ADM_CFG), seed=2)
+    net = _randomise(GuidedDiffusionUNet(out_channels=1, **ADM_NET), seed=2)
     betas = vp_betas(100, schedule="cosine")
-    prior = load(_save(tmp_path, net, ADM_CFG), kind="vpred", num_train_steps=100,
-                 schedule="cosine")
+    prior = load(_save(tmp_path, net, {**ADM_CFG, "learn_sigma": False}), kind="vpred",
+                 num_train_steps=100, schedule="cosine")
     x = _x()
     sigma, a_t = _train_sigma(60, betas)
     with torch.no_grad():
@@ -120,9 +126,9 @@ def test_vpred_identity(tmp_path):
 
 
 def test_ncsnpp_ve_matches_deepinv_preconditioning(tmp_path):
-    arch = dict(EDM_ARCH, augment_dim=0, precondition_type="ve-baseline")
-    net = _randomise(NCSNpp(pretrained=None, **arch), seed=3)
-    prior = load(_save(tmp_path, net, arch), kind="ncsnpp")
+    net = _randomise(NCSNpp(pretrained=None, augment_dim=0, precondition_type="ve-baseline",
+                            **EDM_ARCH), seed=3)
+    prior = load(_save(tmp_path, net, EDM_ARCH), kind="ncsnpp")
     assert isinstance(prior, VEScorePrior)
     x = _x()
     sigma = torch.tensor([0.3, 7.0], dtype=torch.float64)
@@ -147,8 +153,10 @@ def test_ve_score_output_conventions():
 
 
 def test_edm_matches_deepinv_admunet(tmp_path):
-    net = _randomise(ADMUNet(pretrained=None, pixel_std=0.5, **EDM_ARCH), seed=4)
-    prior = load(_save(tmp_path, net, EDM_ARCH), kind="edm", arch="ADMUNet")
+    net = _randomise(ADMUNet(pretrained=None, pixel_std=0.5, augment_dim=0,
+                             **{**EDM_ARCH, "attn_resolutions": ()}), seed=4)
+    prior = load(_save(tmp_path, net, {**EDM_ARCH, "attn_resolutions": ()}), kind="edm",
+                 arch="ADMUNet")
     x = _x()
     sigma = torch.tensor([0.05, 20.0], dtype=torch.float64)
     with torch.no_grad():
@@ -190,17 +198,27 @@ def test_diffusers_local_directory(tmp_path):
 
 def test_registry_errors(tmp_path, adm_net):
     assert isinstance(available(), list)
-    assert set(KINDS) == {"adm", "ncsnpp", "edm", "vpred", "diffusers", "deepinv", "diffrecon"}
+    assert set(KINDS) == {"adm", "vpred", "score_sde", "ncsnpp", "edm", "diffusers", "deepinv",
+                          "diffrecon"}
     path = _save(tmp_path, adm_net, ADM_CFG)
     with pytest.raises(InputError, match="adm.*ncsnpp"):
         load(path, kind="bogus")
     with pytest.raises(InputError, match="missing.pt"):
         load(tmp_path / "missing.pt", kind="adm")
-    with pytest.raises(InputError, match="kind="):
-        load(path)
     with pytest.raises(InputError, match="not-a-prior"):
         load("not-a-prior")
-    with pytest.raises(InputError, match="does not match"):
+    # an option contradicting the file names both values and the way out
+    with pytest.raises(InputError, match=r"channel_mult=\(1, 2, 2\) but the file has "
+                                         r"channel_mult=\(1, 2\); drop the option"):
         load(path, kind="adm", channel_mult=(1, 2, 2))
-    with pytest.raises(InputError, match="unknown option"):
+    with pytest.raises(InputError, match="unknown option.*not_an_option"):
         load(path, kind="adm", not_an_option=3)
+    drunet = tmp_path / "drunet.pt"
+    torch.save(DRUNet(1, 1, nc=(8, 8, 8, 8), nb=1, pretrained=None).state_dict(), drunet)
+    with pytest.raises(InputError, match="cannot tell the kind.*give kind="):
+        load(drunet)
+    # wrong architecture options: the first differing key and shapes, and what to give
+    with pytest.raises(InputError, match=r"does not match the architecture \(shape m_head\."
+                                         r"weight \(8, 2, 3, 3\) in the file vs \(16, 2, 3, 3\)"
+                                         r".*give the DRUNet constructor arguments"):
+        load(drunet, kind="deepinv", in_channels=1, out_channels=1, nc=(16, 16, 16, 16), nb=1)

@@ -1,7 +1,10 @@
 """Priors: denoisers D(x, sigma) = E[x0 | x0 + sigma n = x] with metadata.
 
     prior = diffrecon.priors.load("phantom-mri")          # shipped, offline
-    prior = diffrecon.priors.load("model.pt", kind="adm") # a published checkpoint, local file
+    prior = diffrecon.priors.load("ffhq_10m.pt")          # a published checkpoint, local file
+    prior = diffrecon.priors.load("knee.pt", config="fastmri_knee_320_complex.yml")
+    diffrecon.priors.convert("edm.pkl", "edm.pt", trust_pickle=True)  # safe file + card
+    diffrecon.priors.describe(prior)                       # what was inferred
     gmm = diffrecon.priors.GaussianMixture(means, weights) # exact, for tests and research
 
 Names are resolved lazily so ``import diffrecon.priors`` stays cheap.
@@ -27,6 +30,10 @@ _LAZY = {
     "DiffusersPrior": "adapters",
     "load": "registry",
     "available": "registry",
+    "KINDS": "registry",
+    "convert": "checkpoints",
+    "describe": "checkpoints",
+    "detect_kind": "checkpoints",
     "NetworkPrior": "network",
     "load_network_prior": "network",
     "save_network_prior": "network",

@@ -23,19 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffrecon.priors.adapters import edm_scalings
 from diffrecon.priors.base import Prior, expand_like
 
 FORMAT = "diffrecon-network-prior/1"
-
-
-def edm_scalings(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """EDM (c_skip, c_out, c_in, c_noise) for a (B,) sigma tensor."""
-    s2, sd2 = sigma**2, sigma_data**2
-    c_skip = sd2 / (s2 + sd2)
-    c_out = sigma * sigma_data / (s2 + sd2).sqrt()
-    c_in = 1 / (s2 + sd2).sqrt()
-    c_noise = sigma.log() / 4
-    return c_skip, c_out, c_in, c_noise
 
 
 class FourierEmbedding(nn.Module):

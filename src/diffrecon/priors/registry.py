@@ -1,8 +1,10 @@
-"""Load a prior by shipped name or from a local checkpoint: ``load(path_or_name, kind, **kw)``.
+"""Load a prior by shipped name or from a local checkpoint.
 
-Shipped names are the ``priors/weights/<name>.pt`` files (diffrecon network priors). Local
-checkpoints need a ``kind``; the loaders and their options are in ``adapters.py``. Nothing
-is ever downloaded.
+``load(path_or_name, kind=None, config=None, trust_pickle=False, label=None, **options)``.
+Shipped names are the ``priors/weights/<name>.pt`` files (diffrecon network priors). A local
+checkpoint's kind is read off the file where it can be (``checkpoints.detect_kind``); the file
+formats, architectures and configs are in ``checkpoints/``. Nothing is ever downloaded and no
+pickle is read without ``trust_pickle=True``.
 """
 
 from __future__ import annotations
@@ -12,29 +14,18 @@ import os
 from pathlib import Path
 
 from ..errors import InputError
-from . import adapters
 from .base import Prior
 
-
-def _load_diffrecon(path, **kw) -> Prior:
-    from . import network
-
-    loader = getattr(network, "load_network_prior", None)
-    if loader is None:  # pragma: no cover - network.py is written concurrently
-        raise InputError("diffrecon network priors are not available in this build.")
-    if not Path(path).is_file():
-        raise InputError(f"checkpoint file {str(path)!r} does not exist.")
-    return loader(path, **kw)
-
-
+# kind -> what it reads (the loaders are checkpoints.LOADERS; add a kind in both places)
 KINDS = {
-    "adm": adapters.load_adm,
-    "ncsnpp": adapters.load_ncsnpp,
-    "edm": adapters.load_edm,
-    "vpred": adapters.load_vpred,
-    "diffusers": adapters.load_diffusers,
-    "deepinv": adapters.load_deepinv,
-    "diffrecon": _load_diffrecon,
+    "adm": "guided-diffusion / ADM state dict (DPS, RED-diff, DDS; class-conditional too)",
+    "vpred": "v-prediction network on the guided-diffusion UNet",
+    "score_sde": "score_sde_pytorch / score-MRI NCSN++ checkpoint (EMA applied), VE score",
+    "ncsnpp": "EDM / deepinv-layout NCSN++ trained with the VE baseline",
+    "edm": "EDM network-snapshot .pkl (needs trust_pickle) or EDM-layout state dict",
+    "diffusers": "local diffusers folder (unet/ + scheduler/)",
+    "deepinv": "state dict of a deepinv.models denoiser",
+    "diffrecon": "diffrecon network prior (priors/weights format)",
 }
 
 
@@ -48,24 +39,24 @@ def available() -> list[str]:
     return sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
 
 
-def load(path_or_name: str | os.PathLike, kind: str | None = None, **kw) -> Prior:
-    """A shipped prior by name (see ``available()``), or a local checkpoint of ``kind``
-    ("adm", "ncsnpp", "edm", "vpred", "diffusers", "deepinv", "diffrecon"); ``kw`` are
-    the loader's options (architecture, schedule, data range)."""
+def load(path_or_name: str | os.PathLike, kind: str | None = None, config=None, *,
+         trust_pickle: bool = False, label: int | None = None, **options) -> Prior:
+    """A shipped prior by name (see ``available()``), or a local checkpoint (see ``KINDS``;
+    detected from the file when ``kind`` is None) with the repository's own ``config`` file
+    for what the file cannot tell; ``options`` override (architecture, schedule, data range).
+    See ``checkpoints.load_checkpoint``."""
+    from . import checkpoints
+
     name = str(path_or_name)
-    if kind is None and name in available():
-        prior = _load_diffrecon(_weights_dir() / f"{name}.pt", **kw)
+    if kind in (None, "diffrecon") and name in available():
+        prior = checkpoints.load_checkpoint(_weights_dir() / f"{name}.pt", "diffrecon", config,
+                                            label=label, **options)
         prior.name = name
         return prior
-    if kind is None:
-        if not Path(name).exists():
-            raise InputError(f"{name!r} is neither a shipped prior {available()} nor an "
-                             "existing checkpoint path.")
-        raise InputError(f"give kind= for checkpoint {name!r}, one of {sorted(KINDS)}.")
-    if kind not in KINDS:
-        raise InputError(f"unknown prior kind {kind!r}; expected one of {sorted(KINDS)}.")
     if not Path(name).exists():
-        raise InputError(f"checkpoint {name!r} does not exist.")
-    prior = KINDS[kind](name, **kw)
-    prior.name = Path(name).stem
-    return prior
+        raise InputError(f"{name!r} is neither a shipped prior {available()} nor an "
+                         "existing checkpoint path.")
+    if kind is not None and kind not in KINDS:
+        raise InputError(f"unknown prior kind {kind!r}; expected one of {', '.join(KINDS)}.")
+    return checkpoints.load_checkpoint(name, kind, config, trust_pickle=trust_pickle,
+                                       label=label, **options)
