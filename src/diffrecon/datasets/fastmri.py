@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from diffrecon.datasets.io import (
@@ -46,7 +45,7 @@ from diffrecon.datasets.io import (
     check_shape,
     open_h5_checked,
     read_array,
-    slice_index,
+    slice_selection,
     write_attrs,
 )
 from diffrecon.errors import InputError
@@ -154,7 +153,7 @@ def mask_seed_from_filename(name: str | os.PathLike) -> tuple[int, ...]:
 
 def center_crop(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Centre-crop the last two axes to ``size`` (clamped to the array's size), the fastMRI
-    convention for cropping to reconSpace."""
+    convention for cropping to reconSpace (and a reconstruction to its reference)."""
     h, w = min(size[0], x.shape[-2]), min(size[1], x.shape[-1])
     top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
     return x[..., top:top + h, left:left + w]
@@ -258,9 +257,7 @@ def read_mri_scan(path: str | os.PathLike, slices=None) -> MRIScan:
     a ``slice`` or a sequence of slice indices. Every problem raises one-line ``InputError``."""
     path = Path(path)
     with open_h5_checked(path) as f:
-        ds = f.get("kspace")
-        index = (slice_index(slices, ds.shape[0], path)
-                 if isinstance(ds, h5py.Dataset) and ds.ndim > 0 else None)
+        index = slice_selection(f, "kspace", slices)
         ks = read_array(f, "kspace", kinds="c", ndim=(3, 4), index=index)
         n, (kx, ky) = ks.shape[0], ks.shape[-2:]
         if "ismrmrd_header" in f:

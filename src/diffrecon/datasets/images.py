@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from diffrecon.datasets.io import (
@@ -43,7 +42,7 @@ from diffrecon.datasets.io import (
     check_shape,
     open_h5_checked,
     read_array,
-    slice_index,
+    slice_selection,
     write_attrs,
 )
 from diffrecon.errors import InputError
@@ -163,9 +162,7 @@ def read_image_scan(path: str | os.PathLike, slices=None) -> ImageScan:
     """Read and validate an image scan file (read-only); ``slices`` as in ``read_mri_scan``."""
     path = Path(path)
     with open_h5_checked(path) as f:
-        ds = f.get("measurement")
-        index = (slice_index(slices, ds.shape[0], path)
-                 if isinstance(ds, h5py.Dataset) and ds.ndim > 0 else None)
+        index = slice_selection(f, "measurement", slices)
         y = read_array(f, "measurement", kinds="f", ndim=4, index=index)
         x = read_array(f, "image", kinds="f", ndim=4, required=False, index=index)
         attrs = attrs_to_dict(f.attrs)

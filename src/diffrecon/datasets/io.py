@@ -88,6 +88,21 @@ def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
             os.close(dfd)
 
 
+def check_output_path(output: Path, input_path: Path | None = None) -> None:
+    """InputError unless ``output`` can be written as a new file: not the input itself, not a
+    directory, in an existing writable directory (checked before any expensive work)."""
+    if (input_path is not None and output.exists() and input_path.exists()
+            and output.resolve() == input_path.resolve()):
+        raise InputError(f"-o/--output {output} is the input file; inputs are never modified")
+    if output.is_dir():
+        raise InputError(f"-o/--output {output} is a directory, expected a result file name")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"-o/--output {output}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"-o/--output {output}: directory {parent} is not writable")
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of the file's bytes."""
     h = hashlib.sha256()
@@ -171,6 +186,15 @@ def slice_index(slices, n: int, path) -> Any:
     if idx.size == 0 or idx.min() < 0 or idx.max() >= n:
         raise InputError(f"{path}: slice selection {slices!r} out of range for {n} slices")
     return sorted(set(int(i) for i in idx))
+
+
+def slice_selection(f: h5py.File, name: str, slices) -> Any:
+    """:func:`slice_index` of ``slices`` along axis 0 of dataset ``name`` (the scan's main
+    dataset); None when it is missing or not an array (``read_array`` then says so)."""
+    ds = f.get(name)
+    if not isinstance(ds, h5py.Dataset) or ds.ndim == 0:
+        return None
+    return slice_index(slices, ds.shape[0], f.filename)
 
 
 def attrs_to_dict(attrs: Mapping[str, Any]) -> dict[str, Any]:
