@@ -193,3 +193,37 @@ def evaluate_file(result, reference, reference_kind: str = "auto") -> dict[str, 
         for s, idx in zip(out["per_slice"], slices, strict=True):
             s["slice"] = idx
     return out
+
+
+def coverage_report(reference, lower, upper, mean=None, std=None, mask=None) -> dict[str, Any]:
+    """Interval diagnostics against a known reference; every array (slices, ...) of one
+    shape, ``mask`` (boolean) selects the pixels that count (default: all).
+
+    ``coverage``: mean over slices of the fraction of counted reference pixels with
+    ``lower <= reference <= upper`` (the quantity ``diffrecon.calibration`` controls);
+    ``coverage_per_slice``; ``width``: mean of ``upper - lower`` over counted pixels (scan
+    units); ``relative_width``: ``width / max(reference)``; with ``mean`` and ``std``,
+    ``std_rmse``: sqrt(mean std^2) / sqrt(mean (mean - reference)^2) over counted pixels
+    (1: the std has the size of the actual error; None when the mean is exact).
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    lo, hi = np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64)
+    m = np.ones(ref.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    if ref.ndim < 2 or not ref.shape == lo.shape == hi.shape == m.shape:
+        raise ValueError(f"coverage_report: reference {ref.shape}, lower {lo.shape}, upper "
+                         f"{hi.shape} and mask {m.shape} must share one shape (slices, ...)")
+    inside = ((lo <= ref) & (ref <= hi)).reshape(len(ref), -1)
+    counted = m.reshape(len(ref), -1)
+    n = counted.sum(axis=1)
+    if not n.all():
+        raise ValueError("coverage_report: a slice has no counted pixel")
+    per_slice = [float(v) for v in (inside & counted).sum(axis=1) / n]
+    out: dict[str, Any] = {"coverage": float(np.mean(per_slice)),
+                           "coverage_per_slice": per_slice,
+                           "width": float(np.mean((hi - lo)[m]))}
+    out["relative_width"] = out["width"] / float(ref.max()) if ref.max() > 0 else None
+    if mean is not None and std is not None:
+        err2 = float(np.mean((np.asarray(mean, dtype=np.float64)[m] - ref[m]) ** 2))
+        sd2 = float(np.mean(np.asarray(std, dtype=np.float64)[m] ** 2))
+        out["std_rmse"] = float(np.sqrt(sd2 / err2)) if err2 > 0 else None
+    return out
