@@ -6,19 +6,22 @@ and ``info["iterations"]``; ``prior`` and ``seed`` are accepted and ignored.
 - "zero-filled": A^T y. For multi-coil MRI with coil maps this is the SENSE coil-combined
   image sum_c conj(S_c) F^H M y_c; fastMRI's "zero-filled" is instead the RSS of the
   coil images, computed from raw k-space by ``rss_zero_filled``.
-- "cg-sense" (alias "cg"): CG on (A^T A + lam I) x = A^T y from zero.
+- "cg-sense" (alias "cg"): CG on (A^T A + lam I) x = A^T y from zero, stopped early by the
+  discrepancy principle (or a residual plateau), ``iters`` the cap.
 - "fbp": filtered back-projection (``physics.fbp`` / the CT ``A_dagger``), CT only.
 - "l1-wavelet", "tv": sigpy ``L1WaveletRecon`` / ``TotalVariationRecon`` for deepinv
   ``MRI`` / ``MultiCoilMRI``; "tv" also runs FISTA with deepinv's ``TVPrior`` prox on any
   other linear physics of images (B, C, H, W).
-Regularisation weights are for images of magnitude about 1 (the phantoms; scans are
-normalised into the prior's range first), chosen by a PSNR sweep on "val" phantoms
-phantom("mri", 64, i, "val"), i < 4, 8 normalised birdcage coils, fastMRI random 4x masks
-(8% centre), noiseless (means: zero-filled 17.0, CG-SENSE 22.4, L1-wavelet 26.0, TV 32.1 dB).
+Regularisation weights are chosen from the data (``lam="auto"``, the default): the
+discrepancy principle of ``recon.tuning`` (residual = noise level, with a model-mismatch and a
+relative floor), found by a secant search over a few solves; ``info`` reports
+``lam``, ``lam_rule`` and ``inner_solves``. A number for ``lam`` is used exactly as given.
+Units: y's own (the rules are scale-equivariant).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,6 +31,7 @@ from torch import Tensor
 
 from ..operators.coils import rss
 from ..operators.mri import ifft2c
+from . import tuning
 from .base import SolveContext, Solver
 from .common import cg, normal_operator, power_iteration
 
@@ -45,12 +49,27 @@ class _Deterministic(Solver):
 
     def _sample(self, y: Tensor, ctx: SolveContext) -> Tensor:
         with torch.no_grad():
-            x, iterations = self._reconstruct(y, ctx.physics)
-        ctx.diagnostics["iterations"] = iterations
+            x, info = self._reconstruct(y, ctx.physics)
+        ctx.diagnostics.update(info)
         return x
 
-    def _reconstruct(self, y: Tensor, physics) -> tuple[Tensor, int]:  # pragma: no cover
+    def _reconstruct(self, y: Tensor, physics) -> tuple[Tensor, dict]:  # pragma: no cover
+        """(x, info): info has at least ``iterations``."""
         raise NotImplementedError
+
+
+def _check_lam(name: str, lam) -> float | str:
+    """'auto' or a weight >= 0 (numbers given as text, e.g. by YAML, are converted)."""
+    if isinstance(lam, str) and lam.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(lam)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(lam, bool) or not value >= 0:
+        raise ValueError(f"{name}: option lam={lam!r} is not valid; expected 'auto' or a "
+                         f"number >= 0")
+    return value
 
 
 # ------------------------------------------------------------------------ zero-filled
@@ -66,7 +85,7 @@ class ZeroFilledSolver(_Deterministic):
     Options = ZeroFilledOptions
 
     def _reconstruct(self, y, physics):
-        return physics.A_adjoint(y), 0
+        return physics.A_adjoint(y), {"iterations": 0}
 
 
 def rss_zero_filled(kspace, mask=None, coil_axis: int = -3) -> Tensor:
@@ -91,13 +110,28 @@ def rss_zero_filled(kspace, mask=None, coil_axis: int = -3) -> Tensor:
 # ------------------------------------------------------------------------ CG-SENSE
 @dataclass(frozen=True)
 class CGOptions:
-    iters: int = 30       # CG iterations (fixed count, no host sync)
-    lam: float = 0.0      # Tikhonov weight; 0 = plain CG-SENSE (Pruessmann et al. 2001)
-    batch_size: int = 16  # unused (one pass)
+    iters: int = 30         # CG iteration cap
+    lam: float = 0.0        # Tikhonov weight; 0 = plain CG-SENSE (Pruessmann et al. 2001)
+    stop: str = "discrepancy"  # 'discrepancy': first iterate with ||A x - y|| <= tau sqrt(m)
+    #                         sigma, or whose residual fell < plateau x in one step; 'iters'
+    tau: float = 1.1        # discrepancy factor (validation: 1.0 lets MRI with a
+    #                         model-mismatch noise floor run into noise amplification)
+    plateau: float = 0.01   # relative residual decrease per step below which CG stops (0: off)
+    batch_size: int = 16    # unused (one pass)
+
+    def __post_init__(self):
+        if self.stop not in ("discrepancy", "iters"):
+            raise ValueError(f"cg-sense: option stop={self.stop!r} is not 'discrepancy' or "
+                             f"'iters'")
+        if not (self.tau > 0 and self.plateau >= 0 and self.iters >= 1):
+            raise ValueError(f"cg-sense: options need tau > 0, plateau >= 0, iters >= 1; got "
+                             f"tau={self.tau}, plateau={self.plateau}, iters={self.iters}")
 
 
 class CGSolver(_Deterministic):
-    """CG on (A^T A + lam I) x = A^T y from x = 0 (early stopping regularises when lam = 0)."""
+    """CG on (A^T A + lam I) x = A^T y from x = 0; early stopping (``stop``) regularises.
+    ``info``: ``iterations`` (the most any row ran), ``stop_iteration`` per measurement (-1:
+    the cap), ``stop_rule`` per measurement ('discrepancy', 'plateau' or 'iters')."""
 
     name = "cg-sense"
     Options = CGOptions
@@ -106,7 +140,14 @@ class CGSolver(_Deterministic):
         o = self.options
         normal = normal_operator(physics)
         op = normal if o.lam == 0 else (lambda x: normal(x) + o.lam * x)
-        return cg(op, physics.A_adjoint(y), iters=o.iters), o.iters
+        if o.stop == "iters":
+            return cg(op, physics.A_adjoint(y), iters=o.iters), {"iterations": o.iters}
+        target = tuning.residual_target(physics, y, tau=o.tau)
+        rule = tuning.DiscrepancyStop(physics, y, target.rel, o.plateau)
+        x = cg(op, physics.A_adjoint(y), iters=o.iters, stop=rule)
+        at = [k if k > 0 else o.iters for k in rule.stopped_at.tolist()]
+        why = [("iters", "discrepancy", "plateau")[r] for r in rule.reason.tolist()]
+        return x, {"iterations": max(at), "stop_iteration": at, "stop_rule": why}
 
 
 # ------------------------------------------------------------------------ FBP
@@ -126,9 +167,9 @@ class FBPSolver(_Deterministic):
 
         base = physics.physics
         if hasattr(base, "fbp"):
-            return base.fbp(y), 0
+            return base.fbp(y), {"iterations": 0}
         if isinstance(base, Tomography):
-            return base.A_dagger(y), 0
+            return base.A_dagger(y), {"iterations": 0}
         raise TypeError(f"fbp: physics must be CT (diffrecon.operators.ct or deepinv "
                         f"Tomography), got {type(base).__name__}.")
 
@@ -150,9 +191,11 @@ def _mri_parts(physics) -> tuple[np.ndarray, np.ndarray] | None:
     return mask, maps
 
 
-def _sigpy_mri(app_cls, y: Tensor, physics, lamda: float, max_iter: int, **kw) -> Tensor:
-    """Run a sigpy MRI app per measurement: real (B, 2, [C,] H, W) k-space -> (B, 2, H, W)."""
+def _sigpy_mri(app_cls, y: Tensor, physics, lamda, max_iter: int, **kw) -> Tensor:
+    """Run a sigpy MRI app per measurement: real (B, 2, [C,] H, W) k-space -> (B, 2, H, W);
+    ``lamda`` a float or one per measurement."""
     mask, maps = _mri_parts(physics)
+    lams = [lamda] * y.shape[0] if isinstance(lamda, float | int) else [float(v) for v in lamda]
     k = torch.view_as_complex(y.detach().movedim(1, -1).contiguous()).cpu().numpy()
     if k.ndim == 3:  # single coil (B, H, W)
         k = k[:, None]
@@ -161,7 +204,7 @@ def _sigpy_mri(app_cls, y: Tensor, physics, lamda: float, max_iter: int, **kw) -
     for b in range(k.shape[0]):
         mps = maps[b if maps.shape[0] > 1 else 0].astype(ctype)
         w = mask[b if mask.shape[0] > 1 else 0].astype(k.real.dtype)
-        img = app_cls(k[b], mps, lamda, weights=w, max_iter=max_iter, show_pbar=False,
+        img = app_cls(k[b], mps, lams[b], weights=w, max_iter=max_iter, show_pbar=False,
                       **kw).run()
         out.append(torch.view_as_real(torch.from_numpy(np.asarray(img))).movedim(-1, 0))
     return torch.stack(out).to(device=y.device, dtype=y.dtype)
@@ -176,9 +219,10 @@ def _power_norm(normal: Callable[[Tensor], Tensor], like: Tensor, iters: int = 2
     return w.flatten().norm() / v.flatten().norm()
 
 
-def _fista_tv(y: Tensor, physics, lam: float, iters: int) -> Tensor:
+def _fista_tv(y: Tensor, physics, lam, iters: int) -> Tensor:
     """FISTA on 1/2 ||A x - y||^2 + lam TV(x), TV prox by deepinv's ``TVPrior`` (Chambolle-
-    Pock inner loop); any linear physics on images (B, C, H, W)."""
+    Pock inner loop); any linear physics on images (B, C, H, W). ``lam``: a float or (B,)
+    tensor."""
     from deepinv.optim import TVPrior
 
     tv = TVPrior(n_it_max=20)
@@ -186,6 +230,8 @@ def _fista_tv(y: Tensor, physics, lam: float, iters: int) -> Tensor:
     aty = physics.A_adjoint(y)
     step = 1.0 / _power_norm(normal, aty)
     x = aty.clone() * step
+    if isinstance(lam, Tensor):
+        lam = lam.to(device=aty.device, dtype=aty.dtype)
     v, t = x, 1.0
     for _ in range(iters):
         x_new = tv.prox(v - step * (normal(v) - aty), gamma=lam * step)
@@ -197,10 +243,15 @@ def _fista_tv(y: Tensor, physics, lam: float, iters: int) -> Tensor:
 
 @dataclass(frozen=True)
 class L1WaveletOptions:
-    lam: float = 1e-4       # sigpy lamda (val sweep 3e-5..3e-3: 1e-4 stable at 300 iterations)
+    lam: float | str = "auto"  # sigpy lamda, or 'auto': discrepancy principle (tuning.tune)
     iters: int = 300        # sigpy FISTA iterations (max_iter)
     wavelet: str = "db4"    # sigpy / pywt wavelet name
+    tau: float | None = None  # discrepancy factor of lam='auto' (None: the rule's, tuning.py)
+    max_solves: int = 5     # lam='auto': most solves in the search (each from cold)
     batch_size: int = 16    # unused (measurements run one by one)
+
+    def __post_init__(self):
+        object.__setattr__(self, "lam", _check_lam("l1-wavelet", self.lam))
 
 
 class L1WaveletSolver(_Deterministic):
@@ -217,16 +268,25 @@ class L1WaveletSolver(_Deterministic):
             raise TypeError(f"l1-wavelet: physics must be Cartesian MRI (deepinv MRI or "
                             f"MultiCoilMRI, diffrecon.operators.mri), got "
                             f"{type(physics.physics).__name__}.")
-        return _sigpy_mri(L1WaveletRecon, y, physics, o.lam, o.iters,
-                          wave_name=o.wavelet), o.iters
+        def run(lam):
+            return _sigpy_mri(L1WaveletRecon, y, physics, lam, o.iters, wave_name=o.wavelet)
+
+        rule = tuning.MRI_RULE if o.tau is None else {**tuning.MRI_RULE, "tau": o.tau}
+        x, info = tuning.tune(run, physics, y, o.lam, **rule, max_solves=o.max_solves)
+        return x, {"iterations": o.iters * info["inner_solves"], **info}
 
 
 @dataclass(frozen=True)
 class TVOptions:
-    lam: float = 1e-3       # TV weight (val sweep 3e-4..1e-2, best 1e-3)
+    lam: float | str = "auto"  # TV weight, or 'auto': discrepancy principle (tuning.tune)
     iters: int = 50         # ADMM iterations (MRI) or FISTA iterations (other physics)
     rho: float = 0.03       # ADMM penalty for sigpy (val sweep 0.01..1; PDHG was far slower)
+    tau: float | None = None  # discrepancy factor of lam='auto' (None: the rule's, tuning.py)
+    max_solves: int = 5     # lam='auto': most solves in the search (each from cold)
     batch_size: int = 16    # unused
+
+    def __post_init__(self):
+        object.__setattr__(self, "lam", _check_lam("tv", self.lam))
 
 
 class TVSolver(_Deterministic):
@@ -242,10 +302,19 @@ class TVSolver(_Deterministic):
         if _mri_parts(physics) is not None:
             from sigpy.mri.app import TotalVariationRecon
 
-            return _sigpy_mri(TotalVariationRecon, y, physics, o.lam, o.iters, solver="ADMM",
-                              rho=o.rho, max_cg_iter=10), o.iters
-        shape = physics.A_adjoint(y).shape
-        if len(shape) != 4:
-            raise ValueError(f"tv: physics must act on images (B, C, H, W), got signals "
-                             f"{tuple(shape)}.")
-        return _fista_tv(y, physics, o.lam, o.iters), o.iters
+            def run(lam):
+                return _sigpy_mri(TotalVariationRecon, y, physics, lam, o.iters,
+                                  solver="ADMM", rho=o.rho, max_cg_iter=10)
+            rule = tuning.MRI_RULE
+        else:
+            shape = physics.A_adjoint(y).shape
+            if len(shape) != 4:
+                raise ValueError(f"tv: physics must act on images (B, C, H, W), got signals "
+                                 f"{tuple(shape)}.")
+
+            def run(lam):
+                return _fista_tv(y, physics, lam, o.iters)
+            rule = tuning.FISTA_RULE
+        rule = rule if o.tau is None else {**rule, "tau": o.tau}
+        x, info = tuning.tune(run, physics, y, o.lam, **rule, max_solves=o.max_solves)
+        return x, {"iterations": o.iters * info["inner_solves"], **info}

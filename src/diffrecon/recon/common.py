@@ -98,13 +98,16 @@ def operator_gain(physics, signal_shape: tuple[int, ...], like: Tensor, probes: 
 
 
 def cg(apply_A: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None = None,
-       iters: int = 5, tol: float = 0.0) -> Tensor:
+       iters: int = 5, tol: float = 0.0, stop: Callable[[Tensor], Tensor] | None = None
+       ) -> Tensor:
     """Conjugate gradients for a batch of SPD systems A x = b (one system per row).
 
     ``apply_A`` maps (B, ...) -> (B, ...) and must be symmetric positive (semi-)definite in
     the real inner product. Runs exactly ``iters`` iterations (no host sync); rows whose
-    residual norm falls below ``tol * ||b||`` are frozen by masking. Started at ``x0``
-    (zeros if None), so early stopping keeps x in x0 + Krylov(A, b - A x0).
+    residual norm falls below ``tol * ||b||`` are frozen by masking, and so are rows where
+    ``stop(x)`` ((B,) bool, called on every iterate) returned True once (e.g. the
+    discrepancy principle, ``tuning.DiscrepancyStop``). Started at ``x0`` (zeros if None),
+    so early stopping keeps x in x0 + Krylov(A, b - A x0).
     """
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - apply_A(x) if x0 is not None else b.clone()
@@ -112,10 +115,11 @@ def cg(apply_A: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None = None,
     rs = bdot(r, r)
     thresh = max(tol, 16 * torch.finfo(b.dtype).eps) ** 2 * bdot(b, b)
     tiny = torch.finfo(b.dtype).tiny
+    frozen = torch.zeros_like(rs, dtype=torch.bool)
     for _ in range(iters):
         Ap = apply_A(p)
         pAp = bdot(p, Ap)
-        active = (rs > thresh) & (pAp > tiny)
+        active = (rs > thresh) & (pAp > tiny) & ~frozen
         alpha = torch.where(active, rs / torch.where(active, pAp, torch.ones_like(pAp)),
                             torch.zeros_like(rs))
         x = x + bview(alpha, x) * p
@@ -125,6 +129,8 @@ def cg(apply_A: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None = None,
                            torch.zeros_like(rs))
         p = r + bview(beta, p) * p
         rs = torch.where(active, rs_new, rs)
+        if stop is not None:
+            frozen = frozen | stop(x)
     return x
 
 
