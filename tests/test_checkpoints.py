@@ -269,21 +269,24 @@ def test_released_edm_architectures(released, name):
     assert {k: list(v.shape) for k, v in net.state_dict().items()} == want
 
 
-@pytest.mark.slow
-def test_dds_knee_320_full_size(released, tmp_path):
-    """The DDS fastMRI-knee-320 ADM at full size (random weights, as DDS loads it:
-    torch.load of a state dict) with its released config, on a 320 x 320 2-channel input."""
-    entry = released["dds_knee_320"]
-    g = torch.Generator().manual_seed(0)
-    sd = {k: 0.02 * torch.randn(v, generator=g) for k, v in entry["state_dict"].items()}
-    path = tmp_path / "fastmri_knee_320.pt"
-    torch.save(sd, path)
-    del sd
-    cfg = tmp_path / "fastmri_knee_320_complex.yml"
-    cfg.write_text(yaml.safe_dump(entry["config"]))
-    prior = priors.load(path, config=cfg)
-    assert prior.channels == 2 and 320 % prior.size_multiple == 0
-    x = torch.randn(1, 2, 320, 320, generator=g, dtype=torch.float64)
+
+def test_per_channel_score_mri(files, tmp_path):
+    """channels=2: the real-valued score-MRI prior denoises real and imaginary parts apart,
+    as it denoises each alone (float32 network: batch layout changes the last bits only);
+    the converted file keeps that."""
+    path = files("scoremri_knee_tiny.pth")
+    one = priors.load(path)
+    two = priors.load(path, channels=2)
+    assert two.channels == 2 and two.data_range == (0.0, 1.0)
+    exp = _expected("scoremri_knee_tiny")
+    x = torch.cat([exp["x0"], exp["n"]], dim=1)               # (2, 2, 40, 40)
+    sigma = torch.tensor([0.3, 2.0], dtype=torch.float64)
     with torch.no_grad():
-        d = prior.denoise(x, 0.5)
-    assert d.shape == x.shape and torch.isfinite(d).all()
+        both = two.denoise(x, sigma)
+        for c in range(2):
+            torch.testing.assert_close(both[:, c:c + 1], one.denoise(x[:, c:c + 1], sigma),
+                                       rtol=1e-5, atol=1e-5)
+    back = priors.load(convert(path, tmp_path / "mri2.pt", channels=2))
+    assert back.channels == 2
+    with pytest.raises(InputError, match="has 2 channels, not channels=3"):
+        priors.load(files("adm_dds_knee_tiny.pt"), channels=3)

@@ -209,6 +209,25 @@ class DeepinvDenoiserPrior(Prior):
         return self.denoiser(x.to(dtype), sigma.to(dtype))
 
 
+class PerChannel(Prior):
+    """A one-channel prior applied to each of ``channels`` channels on its own (the channels
+    become batch entries): how score-MRI denoises complex MR images with a real-valued prior,
+    real and imaginary parts separately (Chung & Ye 2022, arXiv 2110.05243)."""
+
+    def __init__(self, inner: Prior, channels: int = 2):
+        super().__init__()
+        self.inner, self.channels = inner, int(channels)
+        self.name, self.size_multiple = inner.name, inner.size_multiple
+        self.data_range = inner.data_range
+        self.sigma_min, self.sigma_max = inner.sigma_min, inner.sigma_max
+        self.intensity_reference = inner.intensity_reference
+
+    def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
+        b, c = x.shape[:2]
+        out = self.inner.denoise(x.reshape(b * c, 1, *x.shape[2:]), sigma.repeat_interleave(c))
+        return out.reshape(x.shape)
+
+
 class _DiffusersUNet(nn.Module):
     def __init__(self, unet: nn.Module):
         super().__init__()

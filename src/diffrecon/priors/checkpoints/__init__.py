@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ...errors import InputError
+from ..adapters import PerChannel
 from ..base import Prior
 from . import adm
 from .configs import read_config
@@ -199,6 +200,8 @@ def load_checkpoint(path, kind: str | None = None, config=None, *, trust_pickle:
         trust_pickle: allow reading a Python pickle (EDM .pkl); never on by default.
         label: class index for class-conditional networks (None = the null label, where the
             network has one).
+        channels: run a one-channel network on each of this many channels separately
+            (``adapters.PerChannel``; e.g. 2 for a real-valued score-MRI prior on complex MRI).
         options: overrides (architecture names of the repository, schedule, data_range, ...).
     """
     ckpt = read(path, trust_pickle=trust_pickle)
@@ -206,8 +209,19 @@ def load_checkpoint(path, kind: str | None = None, config=None, *, trust_pickle:
     if kind not in LOADERS:
         raise InputError(f"unknown prior kind {kind!r}; expected one of {', '.join(LOADERS)}.")
     cfg = read_config(config)
+    card_cfg = ckpt.obj.get("config", {}) if isinstance(ckpt.obj, dict) else {}
+    per = card_cfg.pop("per_channel", None) if isinstance(card_cfg, dict) else None
+    channels = options.pop("channels", cfg.pop("per_channel", per))
     prior, card, inferred = LOADERS[kind](ckpt, cfg, dict(options), label)
     prior.name = ckpt.path.name.split(".")[0] if ckpt.path.name else "prior"
+    if channels is not None and prior.channels is None:
+        prior.channels = int(channels)
+    elif channels is not None and int(channels) != prior.channels:
+        if prior.channels != 1:
+            raise InputError(f"{str(ckpt.path)!r} has {prior.channels} channels, not "
+                             f"channels={channels}.")
+        prior = PerChannel(prior, int(channels))
+        card = {**card, "per_channel": int(channels)}
     prior.source = {"kind": kind, "file": str(ckpt.path), "format": ckpt.fmt,
                     "config": json_safe(card), "inferred": inferred}
     return prior.eval().requires_grad_(False)
@@ -230,6 +244,7 @@ def describe(prior: Prior) -> dict:
 
 def export_state(prior: Prior) -> dict:
     """The network weights a converted file stores, in the layout its kind loads."""
+    prior = prior.inner if isinstance(prior, PerChannel) else prior
     net = prior.net if hasattr(prior, "net") else prior.denoiser
     net = net.export() if hasattr(net, "export") else net
     return {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
