@@ -36,7 +36,7 @@ oracle (``*-oracle``: the default value and one step either side, half-decade st
 value sits at an edge; one
 value per task, the best mean PSNR on the test images themselves, which FAVOURS the
 baselines), plus independent scikit-image references: ``skimage-fbp`` (iradon, ramp),
-``skimage-sart-oracle`` (best of 1-10 SART iterations) and ``skimage-bicubic`` (SR).
+``skimage-sart-oracle`` (best of 1-30 SART iterations) and ``skimage-bicubic`` (SR).
 ``--prior`` is passed to the diffusion rows (not to ``default``). MRI rows other than
 ``default`` read ESPIRiT maps made once per file by ``diffrecon calib`` (``--coil-maps``;
 the maps are those ``run`` would estimate) and their s/slice includes that calibration time.
@@ -56,12 +56,17 @@ them), ``<task>.png`` (reference, default run, best classical, |error| maps), ``
 (printed too). Reruns with another prior or diffrecon version need a fresh ``--out``.
 ``--quick``: 48 px, one image per task, rows default / tv / tv-oracle (a smoke test).
 
-The "before" table of the phantom priors (``benchmarks/external_before.md``) was made with
-    nice -n 15 env OMP_NUM_THREADS=1 python benchmarks/external.py \\
+The "before" table of the shipped phantom priors (``benchmarks/external_before.md``) ran
+the committed code of 82f631c (a snapshot, so that work in progress in the tree could not
+leak in; the runner and every ``diffrecon`` subprocess import it through PYTHONPATH):
+    git archive 82f631c | tar -x -C /tmp/head
+    PYTHONPATH=/tmp/head/src nice -n 15 env OMP_NUM_THREADS=1 python benchmarks/external.py \\
         --tasks mri-4x-rand-8c,mri-4x-equi-16c,ct-30 \\
         --images t1_coronal,s1045_sagittal,camera --out external_before
-and the full benchmark is
+The full benchmark (all tasks, images and rows; ``--full`` adds DPS and SMC) is
     nice -n 15 env OMP_NUM_THREADS=1 python benchmarks/external.py --out external_after
+and ``--collect`` tabulates whatever rows are cached so far (e.g. several processes, each
+with its own ``--tasks``, sharing one ``--out``).
 """
 
 from __future__ import annotations
@@ -89,10 +94,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import external_sim as sim  # noqa: E402
 
 SEED0 = 1000
+SART_ITERS = 30
 EPI = tuple(f"S0_epi_{k}" for k in range(2, 8))
 ANAT256 = ("t1_coronal", "s1045_sagittal")
-DIFFUSION = ("dds", "dps", "reddiff", "smc")
-CLASSICAL = ("zero-filled", "cg-sense", "cg", "fbp", "l1-wavelet", "tv")
+DIFFUSION = ("dds", "dds3d", "dps", "reddiff", "smc")
 
 
 # ------------------------------------------------------------------------------ tasks
@@ -191,11 +196,9 @@ class Row:
 
 
 def rows_for(task: Task, full: bool) -> list[Row]:
+    """The rows of a task, in run order: default, classical (default, oracle), scikit-image
+    references, then the diffusion solvers (so an interrupted run has the key comparison)."""
     rows = [Row("default", "default")]
-    rows += [Row(f"dds-{n}", "diffusion", "dds", n) for n in (25, 50, 100)]
-    rows.append(Row("reddiff-100", "diffusion", "reddiff", 100))
-    rows += [Row(f"dps-{n}", "diffusion", "dps", n, full_only=True) for n in (200, 1000)]
-    rows.append(Row("smc-16", "diffusion", "smc", 50, (("num_particles", 16),), full_only=True))
     base = {"mri": ("zero-filled", "cg-sense", "l1-wavelet", "tv"),
             "ct": ("fbp", "cg-sense", "tv"), "image": ("cg-sense", "tv")}[task.modality]
     rows += [Row(b, "classical", b) for b in base]
@@ -209,6 +212,10 @@ def rows_for(task: Task, full: bool) -> list[Row]:
         rows += [Row("skimage-fbp", "external"), Row("skimage-sart-oracle", "external")]
     if task.params.get("operator") == "superres":
         rows.append(Row("skimage-bicubic", "external"))
+    rows += [Row(f"dds-{n}", "diffusion", "dds", n) for n in (25, 50, 100)]
+    rows.append(Row("reddiff-100", "diffusion", "reddiff", 100))
+    rows += [Row(f"dps-{n}", "diffusion", "dps", n, full_only=True) for n in (200, 1000)]
+    rows.append(Row("smc-16", "diffusion", "smc", 50, (("num_particles", 16),), full_only=True))
     return [r for r in rows if full or not r.full_only]
 
 
@@ -354,6 +361,7 @@ class Context:
     env: dict[str, str]
     prior: str | None
     overwrite: bool
+    collect: bool = False                # report cached rows only, run nothing
     scans: dict[str, Path] = field(default_factory=dict)
     truths: dict[str, Path] = field(default_factory=dict)
     calib: dict[str, tuple[Path, float]] = field(default_factory=dict)
@@ -422,6 +430,8 @@ def run_config(ctx: Context, task: Task, row: Row, key: str,
     cache = rdir / f"{key}.json"
     if cache.exists() and not ctx.overwrite:
         return json.loads(cache.read_text())
+    if ctx.collect:
+        return {"row": key, "error": "not run (--collect)"}
     slices, secs, prov, t_cli = [], 0.0, {}, time.perf_counter()
     for group in task.groups:
         gkey = f"{task.name}/{group.name}"
@@ -535,6 +545,8 @@ def run_oracle(ctx: Context, task: Task, row: Row, base: dict[str, Any], quick: 
     out = dict(runs[best])
     if "error" in out:
         return {"row": row.name, "error": out["error"]}
+    if any("error" in r for r in runs.values()):
+        out["partial"] = sorted(str(v) for v, r in runs.items() if "error" in r)
     out.update(row=row.name, oracle={name: best}, sweep={str(k): v for k, v in scores.items()},
                sweep_s_per_slice=sum(r.get("s_per_slice", 0.0) for r in runs.values()))
     return out
@@ -542,56 +554,54 @@ def run_oracle(ctx: Context, task: Task, row: Row, base: dict[str, Any], quick: 
 
 # ------------------------------------------------------------------------------ skimage rows
 def run_external(ctx: Context, task: Task, row: Row) -> dict[str, Any]:
-    """In-process scikit-image references (CT FBP / SART, SR bicubic), cached like rows."""
+    """In-process scikit-image references (CT FBP / SART, SR bicubic), cached like rows.
+    SART: iterations 1..SART_ITERS (relaxation 0.15), the best mean PSNR over the task (oracle);
+    its s/slice is the time of that many iterations."""
     from skimage.transform import iradon, iradon_sart, resize
 
     rdir = ctx.out / "results" / task.name
     cache = rdir / f"{row.name}.json"
     if cache.exists() and not ctx.overwrite:
         return json.loads(cache.read_text())
-    slices, secs, sweep = [], 0.0, {}
+    if ctx.collect:
+        return {"row": row.name, "error": "not run (--collect)"}
+    rdir.mkdir(parents=True, exist_ok=True)
+    secs, preds = 0.0, {}              # group -> (iterations or 1, S, ...) predictions
     for group in task.groups:
         gkey = f"{task.name}/{group.name}"
         with h5py.File(ctx.scans[gkey], "r") as f:
             data = f["sinogram" if task.modality == "ct" else "measurement"][()]
-            angles = f["angles"][()] if task.modality == "ct" else None
+            theta = np.rad2deg(f["angles"][()]) if task.modality == "ct" else None
         ref = np.load(ctx.truths[gkey])["reference"]
         t0 = time.perf_counter()
         if row.name == "skimage-fbp":
-            pred = np.stack([iradon(s.T.astype(np.float64), np.rad2deg(angles),
-                                    output_size=ref.shape[-1], filter_name="ramp",
-                                    circle=False) for s in data])
+            pred = [np.stack([iradon(s.T.astype(np.float64), theta, output_size=ref.shape[-1],
+                                     filter_name="ramp", circle=False) for s in data])]
         elif row.name == "skimage-bicubic":
-            pred = np.stack([resize(y.astype(np.float64), ref.shape[1:], order=3,
-                                    mode="reflect", anti_aliasing=False) for y in data])
-        else:  # SART, best iteration count 1..10 for the whole task (oracle)
-            per_iter = []
-            cur = [None] * len(data)
-            for _ in range(10):
-                cur = [iradon_sart(s.T.astype(np.float64), np.rad2deg(angles), image=c)
+            pred = [np.stack([resize(y.astype(np.float64), ref.shape[1:], order=3,
+                                     mode="reflect", anti_aliasing=False) for y in data])]
+        else:  # SART works on radon's zero-padded D x D grid: crop back to N x N
+            n, d = ref.shape[-1], data.shape[-1]
+            crop = slice(d // 2 - n // 2, d // 2 - n // 2 + n)
+            pred, cur = [], [None] * len(data)
+            for _ in range(SART_ITERS):
+                cur = [iradon_sart(s.T.astype(np.float64), theta, image=c)
                        for s, c in zip(data, cur, strict=True)]
-                per_iter.append(np.stack(cur))
-            pred = per_iter
+                pred.append(np.stack(cur)[:, crop, crop])
         secs += time.perf_counter() - t0
-        np_pred = pred
-        if row.name == "skimage-sart-oracle":
-            for it, p in enumerate(pred, 1):
-                sweep.setdefault(it, []).extend(score(p, ctx.truths[gkey]))
-            np_pred = None
-        else:
-            slices += score(pred, ctx.truths[gkey])
-        if np_pred is not None:
-            np.save(rdir / f"{row.name}-{group.name}.npy", np_pred.astype(np.float32))
-    rdir.mkdir(parents=True, exist_ok=True)
-    result = {"row": row.name}
-    if sweep:
-        means = {it: float(np.mean([s["psnr"] for s in v])) for it, v in sweep.items()}
-        best = max(means, key=means.get)
-        slices = sweep[best]
-        result.update(oracle={"iterations": best}, sweep=means)
+        preds[group.name] = pred
+    runs = {it: [s for g in task.groups for s in score(preds[g.name][it], ctx.truths[
+        f"{task.name}/{g.name}"])] for it in range(len(preds[task.groups[0].name]))}
+    means = {it: summarise(v)["psnr"] for it, v in runs.items()}
+    best = max(means, key=means.get)
+    for g in task.groups:
+        np.save(rdir / f"{row.name}-{g.name}.npy", preds[g.name][best].astype(np.float32))
     n = sum(len(g.images) for g in task.groups)
-    result.update(slices=slices, s_per_slice=secs / n, provenance={"solver": row.name})
-    result.update(summarise(slices))
+    result = {"row": row.name, "slices": runs[best], "provenance": {"solver": row.name},
+              "s_per_slice": secs / n * (best + 1) / len(means), **summarise(runs[best])}
+    if len(means) > 1:
+        result.update(oracle={"iterations": best + 1},
+                      sweep={str(it + 1): v for it, v in means.items()})
     cache.write_text(json.dumps(result, indent=1, default=str))
     return result
 
@@ -603,6 +613,19 @@ def same_as_default(row: Row, base: dict[str, Any], prior: str | None) -> bool:
         return False
     return (base.get("provenance", {}).get("solver") == row.solver
             and options_of(base).get("steps") == row.steps)
+
+
+def run_row(ctx: Context, task: Task, row: Row, done: dict[str, dict], quick: bool
+            ) -> dict[str, Any]:
+    if row.family == "external":
+        return run_external(ctx, task, row)
+    if row.sweep is not None:
+        base = done.get(row.solver) or run_config(ctx, task, Row(row.solver, "classical",
+                                                                 row.solver), row.solver)
+        return run_oracle(ctx, task, row, base, quick)
+    if row.family != "default" and same_as_default(row, done.get("default", {}), ctx.prior):
+        return dict(done["default"], row=row.name, same_as="default")
+    return run_config(ctx, task, row, row.name)
 
 
 def run_task(ctx: Context, task: Task, rows: list[Row], quick: bool) -> dict[str, Any]:
@@ -618,17 +641,10 @@ def run_task(ctx: Context, task: Task, rows: list[Row], quick: bool) -> dict[str
     done = {}
     for row in rows:
         t0 = time.perf_counter()
-        if row.family == "external":
-            r = run_external(ctx, task, row)
-        elif row.sweep is not None:
-            base = done.get(row.solver) or run_config(ctx, task, Row(row.solver, "classical",
-                                                                     row.solver), row.solver)
-            r = run_oracle(ctx, task, row, base, quick)
-        elif row.family != "default" and same_as_default(row, done.get("default", {}),
-                                                          ctx.prior):
-            r = dict(done["default"], row=row.name, same_as="default")
-        else:
-            r = run_config(ctx, task, row, row.name)
+        try:
+            r = run_row(ctx, task, row, done, quick)
+        except Exception as exc:  # noqa: BLE001 - one broken row must not stop the table
+            r = {"row": row.name, "error": f"{type(exc).__name__}: {exc}"}
         done[row.name] = results[row.name] = r
         status = r.get("error") or f"{r['psnr']:.2f} dB"
         print(f"[{task.name}] {row.name}: {status} ({time.perf_counter() - t0:.0f} s)",
@@ -661,19 +677,26 @@ def row_label(r: dict[str, Any]) -> str:
         return f"default ({prov.get('solver', '?')}{steps}{prior})"
     if "oracle" in r:
         (k, v), = r["oracle"].items()
-        return f"{r['row']} ({k}={v})"
+        missing = f"; {k}={','.join(r['partial'])} failed / not run" if r.get("partial") else ""
+        return f"{r['row']} ({k}={v}{missing})"
     if r.get("same_as"):
         return f"{r['row']} (= default)"
     return r["row"]
 
 
-def family(row: str, rows: list[Row]) -> str:
-    return next((x.family for x in rows if x.name == row), "classical")
+def family(r: dict[str, Any], rows: list[Row]) -> str:
+    """diffusion | classical | external; the default row by the solver it ran."""
+    if r["row"] == "default":
+        solver = r.get("provenance", {}).get("solver")
+        return "diffusion" if solver in DIFFUSION else "classical"
+    return next((x.family for x in rows if x.name == r["row"]), "classical")
 
 
-def best_of(results: dict, rows: list[Row], fam: str) -> tuple[str, float] | None:
-    cands = [(k, r["psnr"]) for k, r in results.items()
-             if "error" not in r and family(k, rows) in fam]
+def best_of(results: dict, rows: list[Row], fam: tuple[str, ...],
+            only: str | None = None) -> tuple[str, float] | None:
+    """(row, PSNR) of the best row of the families ``fam`` (or just row ``only``)."""
+    cands = [(k, r["psnr"]) for k, r in results.items() if "error" not in r
+             and family(r, rows) in fam and (only is None or k == only)]
     return max(cands, key=lambda kv: kv[1]) if cands else None
 
 
@@ -718,8 +741,8 @@ def report(done: list[dict], rows_of: dict[str, list[Row]], argv: list[str], qui
             lines.append("| " + " | ".join(cells + [
                 row_label(r), f"{r['psnr']:.2f}", f"{r['ssim']:.3f}",
                 f"{r['s_per_slice']:.1f}"]) + " |")
-        bdef = best_of(res, rows, ("default",))
-        bd = best_of(res, rows, ("diffusion", "default"))
+        bdef = best_of(res, rows, ("diffusion", "classical"), only="default")
+        bd = best_of(res, rows, ("diffusion",))
         bc = best_of(res, rows, ("classical", "external"))
 
         def fmt(b):
@@ -815,6 +838,8 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the diffrecon runs "
                     "(default: inherited)")
     ap.add_argument("--overwrite", action="store_true", help="redo cached rows")
+    ap.add_argument("--collect", action="store_true", help="only tabulate the cached rows "
+                    "(e.g. while another process still runs); nothing is computed")
     return ap.parse_args(argv)
 
 
@@ -831,7 +856,7 @@ def main(argv=None) -> str:
     if a.threads:
         env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     a.out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(a.out.resolve(), env, a.prior, a.overwrite)
+    ctx = Context(a.out.resolve(), env, a.prior, a.overwrite and not a.collect, a.collect)
     done, rows_of = [], {}
     for name in names:
         task = quick_task(TASKS[name]) if a.quick else TASKS[name]

@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common, external  # noqa: E402
+from benchmarks import external  # noqa: E402
 from benchmarks import external_sim as sim  # noqa: E402
 
 
@@ -95,14 +95,18 @@ def test_quick_run_through_the_cli_scores_caches_and_draws(tmp_path, monkeypatch
     argv = ["--quick", "--tasks", "ct-30,mri-4x-rand-8c", "--rows", "fbp,skimage-fbp,"
             "zero-filled", "--out", str(tmp_path)]
     text = external.main(argv)
-    cols, rows = common.parse_table(text[text.index("| task | held-out"):])
-    got = {(r[0] or task, r[2]): r for task, r in _with_task(rows)}
+    got = {(task, r[2]): r for task, r in _with_task(_table(text, "| task | held-out"))}
     psnr = {k: float(r[3]) for k, r in got.items()}
     assert set(psnr) == {("ct-30", "fbp"), ("ct-30", "skimage-fbp"),
                          ("mri-4x-rand-8c", "zero-filled")}
     assert 18 < psnr["ct-30", "fbp"] < 40 and 18 < psnr["ct-30", "skimage-fbp"] < 40
     assert 15 < psnr["mri-4x-rand-8c", "zero-filled"] < 40
     assert all(0 < float(r[4]) <= 1 and float(r[5]) >= 0 for r in got.values())
+    summary = {r[0]: r for r in _table(text, "| task | default run")}
+    assert set(summary) == {"ct-30", "mri-4x-rand-8c"}
+    best = max(("fbp", "skimage-fbp"), key=lambda k: psnr["ct-30", k])
+    assert summary["ct-30"][3] == f"{best} {psnr['ct-30', best]:.2f}"
+    assert summary["ct-30"][1] == summary["ct-30"][2] == "-"     # no default / diffusion row
     fbp = float(text.split("FBP consistency: PSNR(")[1].split("= ")[1].split(" dB")[0])
     assert fbp > 30                                  # same geometry as skimage
     assert (tmp_path / "scans" / "mri-4x-rand-8c" / "quick48.h5").exists()
@@ -119,6 +123,17 @@ def test_quick_run_through_the_cli_scores_caches_and_draws(tmp_path, monkeypatch
 
 def _no_subprocess(*a, **k):
     raise AssertionError(f"cached rerun started a subprocess: {a}")
+
+
+def _table(text: str, head: str) -> list[list[str]]:
+    """Body rows (cells) of the markdown table starting at the line ``head``."""
+    lines = text[text.index(head):].splitlines()[2:]
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
 
 
 def _with_task(rows):
