@@ -96,6 +96,7 @@ def _adm(ckpt, cfg, options, label, prediction=None):
     sd, cfg = _converted(ckpt, cfg)
     sd = _state(ckpt, "guided-diffusion") if sd is None else sd
     label = cfg.pop("label", None) if label is None else label
+    cfg.pop("assumed", None)
     where = str(ckpt.path)
     net, kw, card = adm.build(sd, cfg, options, where, label)
     prior = adm.make_prior(net, kw, prediction)

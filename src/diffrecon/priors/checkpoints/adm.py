@@ -243,6 +243,7 @@ def build(sd: dict, cfg: dict, options: dict, where: str, label=None):
     gd, diff, prior_kw, unet = split_config({**cfg, **options}, where)
     inferred = infer(sd)
     args = {**DEFAULTS, **inferred}
+    given_keys: set = set()
     levels = {2 ** lv for lv in range(len(inferred["channel_mult"]))}
     for given in (unet, unet_args(gd, where)):
         if "attention_resolutions" in given:      # e.g. "16" at image_size 320: no level
@@ -250,6 +251,7 @@ def build(sd: dict, cfg: dict, options: dict, where: str, label=None):
                 d for d in _numbers(given["attention_resolutions"]) if d in levels)
         _check(given, inferred, where, "the file")
         args.update(given)
+        given_keys |= set(given)
     if "learn_sigma" in gd and bool(gd["learn_sigma"]) != (args["out_channels"]
                                                           == 2 * args["in_channels"]):
         raise InputError(f"{where}: learn_sigma={gd['learn_sigma']} but the file's output has "
@@ -280,7 +282,8 @@ def build(sd: dict, cfg: dict, options: dict, where: str, label=None):
         net.label = int(label)
     elif label is not None:
         raise InputError(f"{where}: label={label} given but the checkpoint is unconditional.")
-    return net, _prior_options(diff, prior_kw, args, where), {"unet": args}
+    assumed = sorted(k for k in DEFAULTS if k not in given_keys and k not in inferred)
+    return net, _prior_options(diff, prior_kw, args, where), {"unet": args, "assumed": assumed}
 
 
 def _prior_options(diff: dict, prior_kw: dict, args: dict, where: str) -> dict:

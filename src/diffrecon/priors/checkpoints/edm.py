@@ -270,12 +270,20 @@ def load(ckpt, sd, cfg: dict, options: dict, label, precond: str = "edm"):
         label = cfg.pop("label", None)
     prior_kw = {k: cfg.pop(k) for k in ("sigma_min", "sigma_max", "sigma_data", "data_range",
                                         "channels") if k in cfg}
-    cfg.pop("precond", None)
-    cfg.pop("label", None)
+    for key in ("precond", "label", "precondition_type", "pixel_std", "pretrained",
+                "_was_trained_on_minus_one_one", "device"):    # deepinv-only, no weights
+        cfg.pop(key, None)
     cfg.setdefault("augment_dim", 0)        # deepinv's ADMUNet / NCSNpp default to 9
-    if arch in ("NCSNpp", "SongUNet") and "embedding_type" not in cfg:   # deepinv defaults
-        cfg.update(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
-                   decoder_type="standard", resample_filter=(1, 3, 3, 1))
+    model_type = str(cfg.pop("model_type", "ncsn")).lower()   # deepinv NCSNpp's two presets
+    if arch in ("NCSNpp", "SongUNet") and "embedding_type" not in cfg:
+        if model_type not in ("ncsn", "ddpm"):
+            raise InputError(f"{where}: model_type {model_type!r}; expected ncsn or ddpm.")
+        cfg.update(dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
+                        decoder_type="standard", resample_filter=(1, 3, 3, 1))
+                   if model_type == "ncsn" else
+                   dict(embedding_type="positional", channel_mult_noise=1,
+                        encoder_type="standard", decoder_type="standard",
+                        resample_filter=(1, 1)))
     net = build_net(arch, cfg, where)
     load_state(net, sd, where, f"give the {arch} arguments of this file (img_resolution, "
                "model_channels, channel_mult, num_blocks, attn_resolutions, label_dim, ...)")
