@@ -165,6 +165,15 @@ class _CT(LinearPhysics):
 
     # -- operator ---------------------------------------------------------------------
     def A(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Line integrals (B, C, n_detectors, views); differentiable, its gradient is
+        ``A_adjoint`` (chunked too: no per-view graph is kept)."""
+        return _Project.apply(x, self)
+
+    def A_adjoint(self, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Exact adjoint (B, C, N, N); differentiable, its gradient is ``A``."""
+        return _BackProject.apply(y, self)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
         chunks = self._chunks(b * c)
         grid_buf, sample_buf = self._scratch(chunks, b * c, x)
@@ -176,7 +185,7 @@ class _CT(LinearPhysics):
             out.append(s.sum(2).unflatten(-1, (-1, self.n_detectors)).transpose(-1, -2))
         return torch.cat(out, -1) * self.step
 
-    def A_adjoint(self, y: torch.Tensor, **kwargs) -> torch.Tensor:
+    def _backproject(self, y: torch.Tensor) -> torch.Tensor:
         b, c = y.shape[:2]
         n = self.img_width
         chunks = self._chunks(b * c)
@@ -254,6 +263,28 @@ class _CT(LinearPhysics):
                               align_corners=True)[..., 0]  # (V, B*C, N*N)
             out = out + (s * w[:, None]).sum(0)
         return out.reshape(b, c, n, n)
+
+
+class _Project(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, op):
+        ctx.op = op
+        return op._project(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.op._backproject(grad), None
+
+
+class _BackProject(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, op):
+        ctx.op = op
+        return op._backproject(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.op._project(grad), None
 
 
 def _convolve(y: torch.Tensor, kernel: torch.Tensor, nd: int) -> torch.Tensor:
