@@ -197,6 +197,7 @@ def test_fan_layout_round_trip_builds_the_operator(tmp_path):
     ({"source_to_isocentre_mm": 10.0}, "source_to_isocentre_mm", "half-diagonal"),
     ({"detector_spacing_mm": -1.0}, "detector_spacing_mm", "positive"),
     ({"pixel_size": None}, "pixel_size", "missing"),
+    ({"image_size": None}, "image_size", "missing"),
     ({"units": "HU"}, "units", "1/mm"),
     ({"intensity_scale": 0.0}, "intensity_scale", "positive"),
     ({"n_detectors": 61}, "n_detectors", "match"),

@@ -22,7 +22,8 @@ Layout::
                                   mu ~ 0.019 /mm at 70 keV, maps to ~1)
                   noise_sigma     std of the additive Gaussian sinogram noise (sinogram
                                   units; default 0)
-                  fan beam only (all required, distances in mm, see ``operators.ct``):
+                  fan beam only (all required, as are image_size and pixel_size; distances
+                  in mm, see ``operators.ct``):
                   source_to_isocentre_mm, source_to_detector_mm (> source_to_isocentre_mm),
                   detector_spacing_mm (at the detector; arc length on a curved detector),
                   detector_shape "flat" or "curved" (equiangular arc centred on the source)
@@ -221,7 +222,7 @@ def _check_attrs(path, attrs: dict[str, Any], n_det: int, gt) -> None:
         raise InputError(f"{path}: attribute 'pixel_size' is missing, expected the pixel size "
                          f"in mm (required by {why})")
     if geom == "fan":
-        for key in FAN_ATTRS:
+        for key in ("image_size", *FAN_ATTRS):
             if key not in attrs:
                 raise InputError(f"{path}: attribute '{key}' is missing, expected it for "
                                  f"geometry 'fan' (needs {', '.join(FAN_ATTRS)})")
@@ -231,8 +232,7 @@ def _check_attrs(path, attrs: dict[str, Any], n_det: int, gt) -> None:
         if not dsd > dso:
             raise InputError(f"{path}: attribute 'source_to_detector_mm' is {dsd!r}, expected "
                              f"more than 'source_to_isocentre_mm' ({dso!r})")
-        n = size if size is not None else n_det
-        radius = np.sqrt(2) * n / 2 * pixel
+        radius = np.sqrt(2) * size / 2 * pixel
         if not dso > radius:
             raise InputError(f"{path}: attribute 'source_to_isocentre_mm' is {dso!r}, expected "
                              f"more than the image half-diagonal {radius:.4g} mm (source "
