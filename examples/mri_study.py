@@ -4,7 +4,8 @@ reconstructed with two solvers, per-slice metrics in a CSV and a summary figure.
     python examples/mri_study.py --scans study/ --out results/ [--solvers tv cg-sense]
     python examples/mri_study.py --quick --out /tmp/study   # simulates a tiny study first
 
-Resumable: rerunning skips reconstructions that already exist (diffrecon.pipeline).
+Resumable: rerunning skips reconstructions that already exist (``diffrecon.pipeline``, the
+library behind ``diffrecon run``).
 """
 
 from __future__ import annotations

@@ -203,12 +203,12 @@ def test_demo_quick_and_progress(tmp_path):
 
 
 def test_internal_errors_exit_1_traceback_only_with_debug(monkeypatch, tmp_path):
-    from diffrecon import pipeline
+    from diffrecon.problems import info
 
     def boom(path):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(pipeline, "describe_file", boom)
+    monkeypatch.setattr(info, "describe_file", boom)
     monkeypatch.delenv("DIFFRECON_DEBUG", raising=False)
     res = runner.invoke(app, ["info", "x.h5"])
     assert res.exit_code == 1 and "Traceback" not in res.stderr
@@ -226,6 +226,18 @@ def test_help_explains_units_and_defaults():
         assert needle in text
     assert "DEGREES" in ok(["simulate", "ct", "--help"]).stdout
     assert "--list" in ok(["bench", "--help"]).stdout
+
+
+def test_bench_lists_and_refuses_unknown_names(capfd):
+    """`diffrecon bench` runs `python -m benchmarks` in the source checkout (subprocess)."""
+    assert runner.invoke(app, ["bench", "--list"]).exit_code == 0
+    listed = capfd.readouterr().out.split()
+    assert {"gmm_dds", "images", "denoise_prior"} <= set(listed) and "common" not in listed
+    res = runner.invoke(app, ["bench", "no-such-benchmark", "--quick"])
+    assert res.exit_code == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == ["diffrecon bench: error: unknown benchmark 'no-such-benchmark'; available: "
+                   + ", ".join(listed)]
 
 
 def test_train_prior_cli_resumes_and_reports(tmp_path):

@@ -18,7 +18,12 @@ from diffrecon.datasets.simulate import simulate_ct, simulate_mri
 from diffrecon.errors import InputError
 from diffrecon.metrics import evaluate_file
 from diffrecon.operators.masks import fastmri_mask
+from diffrecon.pipeline.run import _ranges, smaller_batches
 from diffrecon.priors.base import Prior
+from diffrecon.problems import normalise, parse_slices
+from diffrecon.problems.calib import calibrate_file
+from diffrecon.problems.info import describe_file
+from diffrecon.problems.mri import acs_width
 
 
 class IsoGaussian(Prior):
@@ -47,22 +52,28 @@ def scans(tmp_path_factory):
 
 
 def test_normaliser_round_trip_and_mri_scale():
-    n = pipeline.Normaliser(2.5)
+    n = normalise.Normaliser(2.5)
     x = torch.randn(3, 2, 4, 4)
     assert torch.equal(n.from_prior(n.to_prior(x)), x / 2.5 * 2.5)
     mag = np.linspace(0, 10, 1001)
-    nm = pipeline.mri_normaliser(mag)
-    assert np.percentile(mag / nm.scale, 99) == pytest.approx(pipeline.MRI_TARGET)
-    assert pipeline.fixed_normaliser({}, "f").scale == 1.0
+    assert normalise.reference_level(mag) == pytest.approx(9.9)
+    nm, rule = normalise.mri_normaliser(mag)  # a prior that declares nothing: the fallback
+    assert np.percentile(mag / nm.scale, 99) == pytest.approx(normalise.FALLBACK_REFERENCE)
+    assert rule == "scale = p99(|zero-filled SENSE image|) / 0.9"
+    declared = IsoGaussian()
+    declared.intensity_reference = 0.5  # the prior's own declaration wins
+    nm, rule = normalise.mri_normaliser(mag, declared)
+    assert np.percentile(mag / nm.scale, 99) == pytest.approx(0.5) and rule.endswith("/ 0.5")
+    assert normalise.fixed_normaliser({}, "f")[0].scale == 1.0
     with pytest.raises(InputError, match="intensity_scale"):
-        pipeline.fixed_normaliser({"intensity_scale": -1.0}, "f")
+        normalise.fixed_normaliser({"intensity_scale": -1.0}, "f")
 
 
 def test_parse_slices():
-    assert pipeline.parse_slices("0,2,5-7") == [0, 2, 5, 6, 7]
-    assert pipeline.parse_slices(None) is None
+    assert parse_slices("0,2,5-7") == [0, 2, 5, 6, 7]
+    assert parse_slices(None) is None
     with pytest.raises(InputError, match="--slices"):
-        pipeline.parse_slices("x")
+        parse_slices("x")
 
 
 def test_mri_dds_result_layout_and_provenance(tmp_path, scans):
@@ -78,7 +89,7 @@ def test_mri_dds_result_layout_and_provenance(tmp_path, scans):
     assert a["solver"] == "dds" and a["prior"] == "iso-gaussian" and a["seed"] == 5
     assert a["prior_sha256"] == IsoGaussian().checksum and len(a["prior_sha256"]) == 64
     assert a["input_sha256"] == sha256_file(scans["mri"])
-    acs = pipeline.acs_width(read_mri_scan(scans["mri"]).mask)
+    acs = acs_width(read_mri_scan(scans["mri"]).mask)
     assert a["coil_maps_source"] == "espirit" and a["espirit"]["calib_width"] == min(24, acs)
     assert a["torch_version"] == str(torch.__version__) and a["solver_options"]["steps"] == 8
     assert list(a["slices"]) == [0, 1, 2] and a["nfe"] == 8 and a["wall_time_s"] > 0
@@ -110,8 +121,8 @@ def test_smc_lineages_recorded_and_degenerate_clouds_warned(tmp_path, scans):
     # 8 particles against ~1000 k-space samples: the cloud collapses to one lineage
     assert weak, lineages
     assert len(s["warnings"]) == 1 and "weight degeneracy" in s["warnings"][0]
-    assert f"SMC slices {pipeline._ranges(weak)}:" in s["warnings"][0]
-    assert pipeline._ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    assert f"SMC slices {_ranges(weak)}:" in s["warnings"][0]
+    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
     dds = pipeline.reconstruct_file(scans["mri"], tmp_path / "dds.h5", solver="dds",
                                     prior=IsoGaussian(), steps=3, device="cpu")
     assert dds["warnings"] == [] and "smc_lineages_per_slice" not in read_result(
@@ -188,52 +199,54 @@ def test_reconstruct_many_directory_and_failure_isolation(tmp_path, scans):
     assert [r["status"] for r in res] == ["skipped", "skipped"]
 
 
-def test_oom_halves_batch_and_tells(monkeypatch):
+def test_oom_halves_batch_and_tells(monkeypatch, tmp_path, scans):
+    from diffrecon.recon.dds import DDSSolver
+
+    real_solve, tried = DDSSolver.solve, []
+
+    def solve(self, *args, **kw):  # out of memory above 2 rows per pass
+        tried.append(self.options.batch_size)
+        if self.options.batch_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_solve(self, *args, **kw)
+
+    monkeypatch.setattr(DDSSolver, "solve", solve)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     events = []
-
-    class Fake:
-        class options:  # noqa: N801 - mimics a frozen dataclass instance
-            batch_size = 8
-
-        def solve(self, y, physics, prior, **kw):
-            if self.options.batch_size > 2:
-                raise torch.OutOfMemoryError("CUDA out of memory")
-            return "ok"
-
-    fake = Fake()
-    monkeypatch.setattr(pipeline.dataclasses, "replace",
-                        lambda o, batch_size: type("O", (), {"batch_size": batch_size}))
-    assert pipeline._solve_slice(fake, None, None, None, samples=4, seed=0, callback=None,
-                                 progress=events.append, name="f.h5") == "ok"
-    assert fake.options.batch_size == 2
-    assert [e["text"] for e in events] == [
-        "f.h5: CUDA out of memory; retrying with --batch-size 4",
-        "f.h5: CUDA out of memory; retrying with --batch-size 2"]
+    out = tmp_path / "r.h5"
+    pipeline.reconstruct_file(scans["ct"], out, solver="dds", prior=IsoGaussian(channels=1),
+                              steps=2, batch_size=8, slices=[0], progress=events.append)
+    assert tried == [8, 4, 2]
+    assert [e["text"] for e in events if e["event"] == "message"] == [
+        "ct.h5: CUDA out of memory; retrying with --batch-size 4",
+        "ct.h5: CUDA out of memory; retrying with --batch-size 2"]
+    assert read_result(out).attrs["solver_options"]["batch_size"] == 2  # what ran
+    with pytest.raises(RuntimeError, match="even with --batch-size 1"):
+        smaller_batches(DDSSolver(batch_size=1), "f.h5", None)
 
 
 def test_describe_and_calibrate(tmp_path, scans):
-    d = pipeline.describe_file(scans["mri"])
+    d = describe_file(scans["mri"])
     assert d["modality"] == "mri" and d["coils"] == 4 and d["slices"] == 3
     assert d["acceleration"] == pytest.approx(32 / read_mri_scan(scans["mri"]).mask.sum())
     assert d["noise_sigma"] == pytest.approx(0.002 * 1e-4)
     json.dumps(d)
     side = tmp_path / "maps.h5"
-    s = pipeline.calibrate_file(scans["mri"], side)
+    s = calibrate_file(scans["mri"], side)
     assert s["shape"] == [3, 4, 32, 32]
     scan_copy = tmp_path / "scan.h5"
     scan_copy.write_bytes(open(scans["mri"], "rb").read())
-    pipeline.calibrate_file(scan_copy)
+    calibrate_file(scan_copy)
     with h5py.File(scan_copy) as f, h5py.File(side) as g:
         np.testing.assert_array_equal(f["coil_maps"][()], g["coil_maps"][()])
         assert "kspace" in f and "reconstruction_rss" in f
     with pytest.raises(InputError, match="already holds"):
-        pipeline.calibrate_file(scan_copy)
+        calibrate_file(scan_copy)
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
 def test_acs_width_1d_and_2d_masks():
     from diffrecon.operators import poisson_mask
-    from diffrecon.pipeline import acs_width
 
     cols = np.zeros(32, bool)
     cols[13:19] = True

@@ -18,9 +18,10 @@ from diffrecon.datasets import (
     simulate_mri,
 )
 from diffrecon.datasets.ct import tensor_to_sinogram
-from diffrecon.datasets.simulate import MRI_SCALE, fft2c, ifft2c, rss
+from diffrecon.datasets.simulate import MRI_SCALE
 from diffrecon.errors import InputError
-from diffrecon.operators.mri import kspace_to_tensor
+from diffrecon.operators.coils import rss
+from diffrecon.operators.mri import fft2c, ifft2c, kspace_to_tensor
 
 
 @pytest.fixture(scope="module")

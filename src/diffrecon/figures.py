@@ -67,8 +67,10 @@ def save_figure(result: str | os.PathLike | dict[str, Any], out_png: str | os.Pa
         ref, scores = None, None
     if ref is not None:
         if ref.shape[-2:] != rec.shape[-2:]:
-            rec = metrics.center_crop(rec, ref.shape[-2:])
-            std = None if std is None else metrics.center_crop(std, ref.shape[-2:])
+            from diffrecon.datasets.fastmri import center_crop
+
+            rec = center_crop(rec, ref.shape[-2:])
+            std = None if std is None else center_crop(std, ref.shape[-2:])
         if scores is None:
             scores = metrics.evaluate_arrays(ref, rec)
         title = (f"PSNR {scores['psnr']:.2f} dB  SSIM {scores['ssim']:.4f}  "

@@ -99,16 +99,6 @@ def evaluate_arrays(reference, prediction) -> dict[str, Any]:
     return out
 
 
-def center_crop(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Crop the last two axes of ``x`` to ``shape`` around the centre (fastMRI convention)."""
-    h, w = x.shape[-2:]
-    th, tw = shape
-    if th > h or tw > w:
-        raise ValueError(f"cannot crop {x.shape[-2:]} to {shape}")
-    top, left = (h - th) // 2, (w - tw) // 2
-    return x[..., top:top + th, left:left + tw]
-
-
 def load_reference(reference_path: str | os.PathLike, kind: str = "auto",
                    slices=None) -> tuple[np.ndarray, str]:
     """The ground truth in a scan file, as a float array (slices, H, W) (or with channels).
@@ -159,6 +149,7 @@ def evaluate_file(result, reference, reference_kind: str = "auto") -> dict[str, 
     a larger reconstruction is centre-cropped to the reference (fastMRI). Returns
     ``{"psnr", "ssim", "nmse", "per_slice", "volume", "reference", ...}``.
     """
+    from diffrecon.datasets.fastmri import center_crop
     from diffrecon.datasets.io import Result, read_result
 
     res = result if isinstance(result, Result) else read_result(result)
@@ -175,14 +166,11 @@ def evaluate_file(result, reference, reference_kind: str = "auto") -> dict[str, 
     if pred.ndim != gt.ndim:
         raise InputError(f"{res.path}: reconstruction shape {pred.shape} does not match "
                          f"reference '{name}' shape {gt.shape}")
-    if pred.shape[-2:] != gt.shape[-2:]:
-        try:
-            pred = center_crop(pred, gt.shape[-2:])
-        except ValueError:
-            raise InputError(f"{res.path}: reconstruction shape {pred.shape} does not match "
-                             f"reference '{name}' shape {gt.shape}") from None
+    shape = pred.shape
+    if pred.shape[-2:] != gt.shape[-2:]:  # a larger reconstruction: fastMRI's centre crop
+        pred = center_crop(pred, gt.shape[-2:])
     if pred.shape != gt.shape:
-        raise InputError(f"{res.path}: reconstruction shape {pred.shape} does not match "
+        raise InputError(f"{res.path}: reconstruction shape {shape} does not match "
                          f"reference '{name}' shape {gt.shape}")
     if not gt.max() > 0:
         raise InputError(f"{reference}: reference '{name}' has no positive values")

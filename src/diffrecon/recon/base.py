@@ -35,6 +35,7 @@ from .common import (
     relative_residual,
 )
 from .reconstruction import Reconstruction
+from .schedules import solver_sigmas
 
 
 class CountingPrior:
@@ -217,6 +218,12 @@ class Solver:
         concatenated, passes over measurements (B > 1) stacked."""
         samples = torch.cat(draws, 0).unsqueeze(1) if batch == 1 else torch.stack(draws, 0)
         return Reconstruction.from_samples(samples.detach())
+
+    def _sigmas(self, prior, device) -> Tensor:
+        """The noise levels of the options' schedule (``schedules.solver_sigmas``: schedule,
+        steps, sigma_min / sigma_max or the prior's), on ``device``."""
+        o = self.options
+        return solver_sigmas(o.schedule, o.steps, prior, o.sigma_min, o.sigma_max).to(device)
 
     def _chains(self, num_samples: int, batch: int) -> int:
         """Independent chains the denoiser rows are shared by (NFE = rows / chains)."""

@@ -34,7 +34,6 @@ from torch import Tensor
 
 from .base import SolveContext, Solver, record
 from .common import cg, ddim_fresh_fraction, normal_operator, relative_residual, renoise, tweedie
-from .schedules import solver_sigmas
 
 NOISE_CONVENTIONS = ("ddim", "reference")
 
@@ -97,8 +96,7 @@ class DDSSolver(Solver):
     def _sample(self, y: Tensor, ctx: SolveContext) -> Tensor:
         """Algorithm 1: per step Tweedie, data consistency from x0_hat, DDIM renoising."""
         o, shape = self.options, ctx.signal_shape
-        sigmas = solver_sigmas(o.schedule, o.steps, ctx.prior, o.sigma_min,
-                               o.sigma_max).to(y.device)
+        sigmas = self._sigmas(ctx.prior, y.device)
         denoise = self._denoiser(ctx)            # (z, sigma) -> (x0_hat, eps_hat)
         consistency = self._consistency(y, ctx)  # (x0_hat, sigma) -> x0'
         residuals: list[Tensor] = []

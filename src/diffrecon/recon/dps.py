@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .base import SolveContext, Solver, record
 from .common import ddim_fresh_fraction, operator_norm, renoise, tweedie
-from .schedules import solver_sigmas, vp_alpha
+from .schedules import vp_alpha
 
 STEP_SCALES = ("vp", "none")
 
@@ -73,8 +73,7 @@ class DPSSolver(Solver):
 
     def _sample(self, y: Tensor, ctx: SolveContext) -> Tensor:
         o = self.options
-        sigmas = solver_sigmas(o.schedule, o.steps, ctx.prior, o.sigma_min,
-                               o.sigma_max).to(y.device)
+        sigmas = self._sigmas(ctx.prior, y.device)
         a = vp_alpha(sigmas) if o.step_scale == "vp" else torch.ones_like(sigmas)
         zeta = o.zeta
         if o.normalize_by_operator_norm:  # the guidance gradient scales with ||A||

@@ -42,7 +42,6 @@ from torch import Tensor
 
 from .base import SolveContext, Solver, record
 from .common import bdot, cg, measured_entries, tweedie
-from .schedules import solver_sigmas
 
 NOTE = ("RED-diff returns a MAP-like point estimate per seed; the spread of its samples "
         "reflects only the optimiser's random draws, not posterior uncertainty.")
@@ -138,8 +137,7 @@ class REDDiffSolver(Solver):
 
     def _sample(self, y: Tensor, ctx: SolveContext) -> Tensor:
         o = self.options
-        sigmas = solver_sigmas(o.schedule, o.steps, ctx.prior, o.sigma_min,
-                               o.sigma_max)[:-1].to(y.device)
+        sigmas = self._sigmas(ctx.prior, y.device)[:-1]
         lo, hi = ctx.prior.data_range
         lr, sigma_y = o.lr * (hi - lo) / 2, max(ctx.sigma_y, o.sigma_y_floor)
         lam = o.lam if o.lam is not None else paper_equivalent_lam(

@@ -87,7 +87,6 @@ from .common import (
     systematic_resample,
 )
 from .reconstruction import Reconstruction
-from .schedules import solver_sigmas
 from .smc_cloud import Cloud, Measurement
 
 PROPOSALS = ("gaussian", "twisted", "bootstrap")
@@ -191,8 +190,7 @@ class SMCSolver(Solver):
         """One pass per measurement: its cloud, with the schedule, the kernel variances and
         the potential's constants computed once per solve."""
         o = self.options
-        sigmas = solver_sigmas(o.schedule, o.steps, ctx.prior, o.sigma_min, o.sigma_max)
-        sigmas = sigmas.to(device=y.device, dtype=y.dtype)
+        sigmas = self._sigmas(ctx.prior, y.device).to(y.dtype)
         mmse = self._mmse(ctx.prior.prior, sigmas)
         data_var = self._data_variance(mmse, sigmas)
         entropy = measurement_entropy(ctx.seed, y.shape[0])

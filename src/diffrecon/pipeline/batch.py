@@ -1,0 +1,189 @@
+"""Many inputs: files and directories, their result paths, failure isolation, and torchrun
+sharding (files round-robin over ranks, or one file's slices)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffrecon.errors import InputError
+
+from .options import RunOptions
+from .run import Progress, reconstruct_file
+
+SCAN_SUFFIXES = (".h5", ".hdf5")
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files and directories (their ``*.h5`` / ``*.hdf5`` files, sorted, not recursive),
+    de-duplicated in order."""
+    if not inputs:
+        raise InputError("no INPUT given; expected scan files or directories")
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix in SCAN_SUFFIXES and q.is_file())
+            if not found:
+                raise InputError(f"{p}: directory holds no .h5/.hdf5 scan files")
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise InputError(f"{p}: no such file or directory")
+    seen, out = set(), []
+    for f in files:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            out.append(f)
+    return out
+
+
+def output_paths(inputs: Sequence[str | os.PathLike], files: list[Path], output: Path
+                 ) -> list[Path]:
+    """Result path per input file: ``output`` itself for one input file, else
+    ``output/<stem>_recon.h5`` (the directory is created)."""
+    many = len(files) > 1 or Path(inputs[0]).is_dir() or output.is_dir()
+    if not many:
+        return [output]
+    if output.exists() and not output.is_dir():
+        raise InputError(f"-o/--output {output} is a file, but several inputs need a directory")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"-o/--output {output}: directory {parent} does not exist")
+    if not output.exists():
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(f"-o/--output {output}: directory {parent} is not writable")
+        output.mkdir(exist_ok=True)
+    return [output / f"{f.stem}_recon.h5" for f in files]
+
+
+def init_distributed() -> tuple[int, int, bool]:
+    """Initialise torch.distributed under torchrun (``WORLD_SIZE`` > 1): gloo on CPU, nccl
+    on CUDA. Returns (rank, world size, whether this call initialised it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not torch.distributed.is_available():
+        return 0, 1, False
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.distributed.init_process_group(backend=backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), True
+
+
+def failure(exc: Exception) -> tuple:
+    """A picklable ('error', kind, message) record of an exception, so that every rank can
+    learn about a failure instead of deadlocking in a collective; kind 'input' for
+    ``InputError``, else 'internal'."""
+    if isinstance(exc, InputError):
+        return ("error", "input", str(exc))
+    return ("error", "internal", f"{type(exc).__name__}: {exc}")
+
+
+def guard(fn, *args, **kwargs) -> tuple:
+    """('ok', fn(...)) or the :func:`failure` record of its exception."""
+    try:
+        return ("ok", fn(*args, **kwargs))
+    except Exception as exc:  # noqa: BLE001 - re-raised after the collective
+        return failure(exc)
+
+
+def reconstruct_many(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
+                     options: RunOptions | None = None, *, progress: Progress | None = None,
+                     **overrides) -> list[dict[str, Any]]:
+    """Reconstruct files and directories; resumable (complete outputs are skipped, each
+    output is written atomically, a killed run leaves no partial result).
+
+    One input file: ``output`` is the result file (or an existing directory to hold
+    ``<stem>_recon.h5``); several inputs or a directory: ``output`` is a directory
+    (created). A file that fails does not stop the others; at the end the first failure is
+    raised (``InputError`` for input problems). Under torchrun (``WORLD_SIZE`` > 1) files
+    are sharded round-robin across ranks, or for a single file its slices; every rank
+    returns all summaries in input order. ``options`` / ``overrides`` as in
+    :func:`reconstruct_file`.
+    """
+    opts = RunOptions.of(options, **overrides)
+    files = collect_inputs(inputs)
+    targets = output_paths(inputs, files, Path(output))
+    rank, world, owned = init_distributed()
+    try:
+        if world > 1 and len(files) == 1:
+            records = [_sharded_file(files[0], targets[0], opts, progress, rank, world)]
+        else:
+            local = []
+            for i, (f, target) in enumerate(zip(files, targets, strict=True)):
+                if i % world != rank:
+                    continue
+                try:  # a failing file does not stop the others
+                    local.append((i, ("ok", reconstruct_file(f, target, opts,
+                                                             progress=progress))))
+                except Exception as exc:  # noqa: BLE001 - reported at the end
+                    local.append((i, failure(exc)))
+            if world > 1:
+                gathered: list = [None] * world
+                torch.distributed.all_gather_object(gathered, local)
+                local = [item for part in gathered for item in part]
+            records = [r for _, r in sorted(local, key=lambda t: t[0])]
+    finally:
+        if owned:  # barrier first: a rank tearing gloo down while its peer is still inside
+            torch.distributed.barrier()  # the last collective aborts the peer (SIGABRT)
+            torch.distributed.destroy_process_group()
+    errors = [r for r in records if r[0] == "error"]
+    if errors:
+        n = f" ({len(errors)} of {len(records)} inputs failed)" if len(records) > 1 else ""
+        kind, msg = errors[0][1], errors[0][2]
+        raise (InputError if kind == "input" else RuntimeError)(msg + n)
+    return [r[1] for r in records]
+
+
+@dataclass
+class SliceShard:
+    """One file's slices split over torchrun ranks: rank r solves slices r::world, and every
+    rank takes part in exactly one ``exchange`` (all_gather) of its outcome."""
+
+    rank: int
+    world: int
+    gathered: bool = False
+
+    def mine(self, indices: range) -> range:
+        return indices[self.rank::self.world]
+
+    def exchange(self, payload) -> list:
+        """The payloads of every rank (a collective)."""
+        self.gathered = True
+        parts: list = [None] * self.world
+        torch.distributed.all_gather_object(parts, payload)
+        return parts
+
+    def gather(self, results: dict) -> dict | None:
+        """Every rank's slice results merged on rank 0 (None on the others); a rank's
+        failure is raised on every rank."""
+        parts = self.exchange(("slices", results))
+        bad = next((p for p in parts if p[0] != "slices"), None)
+        if bad is not None:
+            if bad[0] == "error":
+                raise (InputError if bad[1] == "input" else RuntimeError)(bad[2])
+            raise RuntimeError("ranks disagree on whether the file needs reconstructing")
+        if self.rank != 0:
+            return None
+        return {k: v for _, part in parts for k, v in part.items()}
+
+
+def _sharded_file(path: Path, out: Path, options: RunOptions, progress, rank: int,
+                  world: int) -> tuple:
+    """One file under torchrun: rank r solves slices r::world, rank 0 writes the result;
+    every rank returns rank 0's record."""
+    shard = SliceShard(rank, world)
+    record = guard(reconstruct_file, path, out, options, progress=progress, shard=shard)
+    if not shard.gathered:  # skipped or failed before solving: still take part
+        record = next((p for p in shard.exchange(record) if p[0] == "error"), record)
+    box = [record]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,275 @@
+"""Scan file -> reconstruction file: plan -> load_problem -> solve each slice -> write.
+
+The plan validates the options and the input cheaply and fingerprints them (a complete
+result with the same fingerprint is skipped); ``problems.load_problem`` reads the scan
+into the prior's units; each selected slice is solved and mapped back to scan units; the
+result is written atomically with its provenance. Conventions of the written result:
+
+* MRI: ``reconstruction`` is the MAGNITUDE of the SENSE-combined image (on the scale of
+  ``reconstruction_rss``), centre-cropped to the header's reconSpace; the complex image is
+  ``reconstruction_complex``; ``std`` is the pointwise standard deviation of the complex
+  value, sqrt(std_re^2 + std_im^2).
+* Randomness: slice ``k`` of a file uses seed material ``(seed, k)``, and slices run one at
+  a time (``batch_size`` bounds the posterior samples / particles per pass), so results do
+  not depend on batching, slice selection order or the number of processes.
+* An SMC cloud whose particles descend from fewer than ``degenerate_below(N)`` initial
+  particles is reported (``warnings`` of the summary): its std is not a posterior std.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffrecon.errors import InputError, as_input_error
+from diffrecon.problems import Problem, check_acquisition, load_problem
+
+from .options import (
+    DEFAULT_PRIORS,
+    RunOptions,
+    default_solver,
+    load_prior,
+    make_solver,
+    resolve_device,
+    result_fields,
+    solver_option_dict,
+)
+from .resume import existing_result, fingerprint, remove_stale_temporaries
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Plan:
+    """A validated job: what will be run on which file, and its settings fingerprint."""
+
+    input_path: Path
+    output_path: Path
+    modality: str
+    solver: Any                      # a diffrecon.recon.Solver
+    prior: Any                       # prior name, path or Prior to load; None: classical
+    settings: dict[str, Any]
+    digest: str
+    options: RunOptions
+
+
+def plan_run(input_path, output_path, options: RunOptions) -> Plan:
+    """Validate the options against the input (cheap checks, no reconstruction) and
+    fingerprint them."""
+    from diffrecon.datasets.io import check_output_path, detect_modality, sha256_file
+    from diffrecon.recon import DIFFUSION_SOLVERS
+
+    input_path, output_path = Path(input_path), Path(output_path)
+    check_output_path(output_path, input_path)
+    modality = detect_modality(input_path)
+    check_acquisition(input_path, modality, options.acquisition())
+    name = options.solver or default_solver(modality)
+    solver = make_solver(name, options)
+    prior = (options.prior or DEFAULT_PRIORS[modality]) if name in DIFFUSION_SOLVERS else None
+    label = None if prior is None else str(prior) if isinstance(prior, str | os.PathLike) \
+        else getattr(prior, "name", type(prior).__name__)
+    settings = {k: getattr(options, k) for k in result_fields()}
+    settings.update(
+        input_sha256=sha256_file(input_path), solver=name, prior=label,
+        solver_options={k: v for k, v in solver_option_dict(solver).items() if k != "batch_size"},
+        seed=int(options.seed), save_samples=bool(options.save_samples),
+        center_fraction=options.center_fraction if options.acceleration is not None else None,
+        coil_maps=None if options.coil_maps is None else sha256_file(options.coil_maps))
+    if prior is not None:   # how the checkpoint was read, when given (older digests unchanged)
+        settings.update({f"prior_{k}": v for k, v in options.prior_load().items()
+                         if v not in (None, False) and k != "trust_pickle"})
+    return Plan(input_path, output_path, modality, solver, prior, settings,
+                fingerprint(settings), options)
+
+
+def reconstruct_file(input_path, output_path, options: RunOptions | None = None, *,
+                     progress: Progress | None = None, shard=None, **overrides
+                     ) -> dict[str, Any] | None:
+    """Reconstruct one scan file into ``output_path`` (module docstring).
+
+    Args:
+        input_path: MRI (fastMRI layout), CT or image scan file (never modified).
+        output_path: result file, written atomically. A complete result with the same
+            settings is skipped (``overwrite`` redoes it); one made with other settings or
+            from another input raises ``InputError``.
+        options: a ``RunOptions``; ``overrides`` are its fields as keywords
+            (``reconstruct_file(scan, out, solver="tv", seed=3)``).
+        progress: callback receiving event dicts: {'event': 'file' | 'step' | 'slice' |
+            'skip' | 'done' | 'message', ...}.
+        shard: under torchrun, this rank's share of the slices (``batch.SliceShard``); the
+            result is then written by rank 0 and the other ranks return None.
+
+    Returns a summary dict (input, output, status 'done' | 'skipped', solver, nfe, ...).
+    """
+    t0 = time.perf_counter()
+    opts = RunOptions.of(options, **overrides)
+    plan = plan_run(input_path, output_path, opts)
+    if existing_result(plan.output_path, plan.digest, opts.overwrite):
+        _emit(progress, event="skip", path=str(plan.input_path), output=str(plan.output_path))
+        return {"input": str(plan.input_path), "output": str(plan.output_path),
+                "status": "skipped", "modality": plan.modality,
+                "solver": plan.settings["solver"]}
+    device = resolve_device(opts.device)
+    prior = load_prior(plan.prior, device, **opts.prior_load()) if plan.prior is not None \
+        else None
+    problem = load_problem(plan.input_path, prior, opts.slices, device=device,
+                           progress=progress, **opts.acquisition())
+    todo = range(len(problem.slices))
+    todo = todo if shard is None else shard.mine(todo)
+    solver, results = plan.solver, {}
+    _emit(progress, event="file", path=str(plan.input_path), slices=len(todo),
+          steps=getattr(solver.options, "steps", None), samples=opts.samples)
+    for j in todo:
+        k = problem.slices[j]
+        report = None if progress is None else (
+            lambda fields, k=k: progress({"event": "step", "slice": k, **fields}))
+        while True:  # on CUDA out-of-memory: retry with half the batch size
+            try:
+                rec = solver.solve(problem.measurements[j], problem.physics[j], prior,
+                                   num_samples=opts.samples, seed=[(opts.seed, k)],
+                                   callback=report)
+                break
+            except torch.OutOfMemoryError:
+                solver = smaller_batches(solver, plan.input_path.name, progress)
+            except (TypeError, ValueError) as exc:  # the solver refuses this problem
+                raise as_input_error(exc, plan.input_path.name) from exc
+        results[k] = slice_result(rec, problem.normalisers[j], opts.save_samples)
+        _emit(progress, event="slice", slice=k)
+    if shard is not None:
+        results = shard.gather(results)
+        if results is None:  # another rank writes
+            return None
+    checksum = prior.checksum if prior is not None else "none"
+    summary = write(plan, problem, solver, results, checksum, str(device), t0)
+    remove_stale_temporaries(plan.output_path)
+    _emit(progress, event="done", path=str(plan.input_path), output=str(plan.output_path))
+    return summary
+
+
+def smaller_batches(solver, name: str, progress: Progress | None):
+    """The same solver with half its ``batch_size`` (after a CUDA out-of-memory error);
+    RuntimeError at batch size 1."""
+    bs = int(getattr(solver.options, "batch_size", 1))
+    if bs <= 1:
+        raise RuntimeError(f"{name}: CUDA out of memory even with --batch-size 1; use fewer "
+                           f"--samples or --device cpu") from None
+    torch.cuda.empty_cache()
+    smaller = type(solver)(dataclasses.replace(solver.options, batch_size=max(1, bs // 2)))
+    _emit(progress, event="message", text=f"{name}: CUDA out of memory; retrying with "
+                                          f"--batch-size {smaller.options.batch_size}")
+    return smaller
+
+
+def slice_result(rec, norm, save_samples: bool) -> dict[str, Any]:
+    """One slice's Reconstruction in scan units and prior layout (C, H, W), float64 numpy,
+    with what the result file records of its info."""
+    def host(t):
+        return norm.from_prior(t.detach().to("cpu", torch.float64)).numpy()
+
+    out = {"mean": host(rec.mean[0]), "std": host(rec.std[0]),
+           "draws": host(rec.samples[:, 0]) if save_samples else None,
+           "nfe": int(rec.info.get("nfe", 0)),
+           "wall_time_s": float(rec.info.get("wall_time_s", 0.0)), "scale": float(norm.scale)}
+    if "residual" in rec.info:
+        out["residual"] = float(rec.info["residual"][0])
+    if "lineages" in rec.info:
+        out.update(lineages=int(rec.info["lineages"][0]),
+                   particles=int(rec.info["num_particles"]))
+    return out
+
+
+def write(plan: Plan, problem: Problem, solver, results: dict[int, dict[str, Any]],
+          prior_checksum: str, device: str, t0: float) -> dict[str, Any]:
+    """Write the result file of ``plan`` atomically with its provenance; return a summary."""
+    from diffrecon import __version__
+    from diffrecon.datasets.io import write_result
+
+    order = problem.slices
+    per = [results[k] for k in order]
+    rec, cplx = zip(*(problem.scan_image(r["mean"]) for r in per), strict=True)
+    sd = [problem.scan_image(r["std"], std=True)[0] for r in per]
+    smp = [np.stack([problem.scan_image(d)[0] for d in r["draws"]]) for r in per
+           if r["draws"] is not None]
+    nfe = [r["nfe"] for r in per]
+    st = plan.settings
+    attrs = {
+        "diffrecon_version": __version__, "torch_version": str(torch.__version__),
+        "input": plan.input_path.name, "input_sha256": st["input_sha256"],
+        "modality": problem.modality, "solver": st["solver"],
+        "solver_options": solver_option_dict(solver), "prior": st["prior"] or "none",
+        "prior_sha256": prior_checksum, "seed": st["seed"],
+        "seed_convention": "slice k draws from seed material (seed, k)",
+        "num_samples": st["samples"], "slices": np.asarray(order, dtype=np.int64),
+        "device": device, "nfe": int(max(nfe)) if nfe else 0,
+        "nfe_per_slice": np.asarray(nfe, dtype=np.int64),
+        "solve_time_s": float(sum(r["wall_time_s"] for r in per)),
+        "wall_time_s": float(time.perf_counter() - t0),
+        "normalisation": "image = scale * prior image; " + problem.normalisation,
+        "scale_per_slice": np.asarray([r["scale"] for r in per]),
+        "settings": st, "settings_sha256": plan.digest, **problem.meta,
+    }
+    if order and all("residual" in r for r in per):
+        attrs["data_residual_per_slice"] = np.asarray([r["residual"] for r in per],
+                                                      dtype=np.float64)
+    warnings = []
+    if order and all("lineages" in r for r in per):
+        lineages = [r["lineages"] for r in per]
+        attrs["smc_lineages_per_slice"] = np.asarray(lineages, dtype=np.int64)
+        warnings += degeneracy_warning(plan.input_path.name, order, lineages,
+                                       per[0]["particles"])
+    write_result(plan.output_path, np.stack(rec), np.stack(sd),
+                 samples=np.stack(smp) if smp else None,
+                 complex=np.stack(cplx) if problem.modality == "mri" else None, attrs=attrs)
+    return {"input": str(plan.input_path), "output": str(plan.output_path), "status": "done",
+            "modality": problem.modality, "solver": st["solver"], "prior": st["prior"],
+            "slices": len(order), "nfe": attrs["nfe"], "device": device,
+            "wall_time_s": round(attrs["wall_time_s"], 3), "warnings": warnings}
+
+
+def degenerate_below(num_particles: int) -> int:
+    """An SMC cloud with fewer distinct time-0 ancestors than this is reported as
+    degenerate: max(3, N / 10)."""
+    return max(3, num_particles // 10)
+
+
+def degeneracy_warning(name: str, order: Sequence[int], lineages: Sequence[int],
+                       particles: int) -> list[str]:
+    """The SMC weight-degeneracy warning of a file (empty when every cloud kept enough
+    lineages)."""
+    weak = [(k, c) for k, c in zip(order, lineages, strict=True)
+            if c < degenerate_below(particles)]
+    if not weak:
+        return []
+    lo, hi = min(c for _, c in weak), max(c for _, c in weak)
+    return [f"{name}: SMC slices {_ranges([k for k, _ in weak])}: the {particles} particles "
+            f"descend from {lo if lo == hi else f'{lo}-{hi}'} initial particle(s) (weight "
+            f"degeneracy), so std is not a posterior std; use more particles, or an ensemble "
+            f"(--solver dds --samples K)."]
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """'0-3, 7' for [0, 1, 2, 3, 7]."""
+    parts, start = [], None
+    for i, k in enumerate(indices):
+        if start is None:
+            start = k
+        if i + 1 == len(indices) or indices[i + 1] != k + 1:
+            parts.append(str(start) if start == k else f"{start}-{k}")
+            start = None
+    return ", ".join(parts)
+
+
+def _emit(progress: Progress | None, **event) -> None:
+    if progress is not None:
+        progress(event)
+
+
+__all__ = ["InputError", "Plan", "degenerate_below", "plan_run", "reconstruct_file", "write"]
