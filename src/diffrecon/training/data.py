@@ -4,7 +4,7 @@ with heavy augmentation, drawn deterministically per (seed, step, index).
 Families (value conventions are what the shipped priors declare):
 
 - ``mri``: complex MR images as 2 channels (real, imag). Magnitude from the MNI head with
-  random MR contrasts (50%), the MR-like phantoms (15%), dead leaves (15%), photographs (15%)
+  random MR contrasts (45%), the MR-like phantoms (25%), dead leaves (10%), photographs (15%)
   and random ellipses (5%), times a smooth random phase (the phantoms keep their own).
 - ``ct``: attenuation relative to water, 1 channel: MNI head with skull and scalp (35%),
   body sections (25%), random ellipses (15%), dead leaves (10%), photographs (15%).
@@ -148,14 +148,14 @@ def mri_phantom(size: int, rng: np.random.Generator) -> View:
 
 Source = Callable[[int, np.random.Generator], View]
 MIXTURES: dict[str, tuple[int, list[tuple[float, Source]]]] = {
-    "mri": (2, [(0.50, anatomy_mr), (0.15, mri_phantom), (0.15, dead_leaves), (0.15, photo),
+    "mri": (2, [(0.45, anatomy_mr), (0.25, mri_phantom), (0.10, dead_leaves), (0.15, photo),
                 (0.05, ellipses)]),
     "ct": (1, [(0.35, anatomy_ct), (0.25, body_section), (0.15, ellipses),
                (0.10, dead_leaves), (0.15, photo)]),
     "natural": (1, [(0.65, photo), (0.20, dead_leaves), (0.10, anatomy_mr),
                     (0.05, body_section)]),
-    "gray": (1, [(0.40, photo), (0.175, anatomy_ct), (0.125, body_section), (0.15, dead_leaves),
-                 (0.075, ellipses), (0.075, anatomy_mr)]),
+    "gray": (1, [(0.35, photo), (0.175, anatomy_ct), (0.125, body_section), (0.125, dead_leaves),
+                 (0.15, ellipses), (0.075, anatomy_mr)]),
     "ellipses": (1, [(1.0, ellipses)]),
     "mri-phantoms": (2, [(1.0, mri_phantom)]),
 }

@@ -98,6 +98,38 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def grow_unet(small: UNet, mult: int) -> UNet:
+    """A U-Net with one more (coarser) level of width ``base * mult`` that computes exactly
+    the function of ``small`` (function-preserving growth, in the spirit of Net2Net, Chen
+    et al. 2016): the old levels are copied; the new bottleneck's decoder at the old
+    bottleneck's level passes the encoder features through (skip weights sqrt(2)^blocks on
+    those channels, zero on the upsampled ones, zero second convolutions), so training
+    starts from the small network and learns to use the new level."""
+    cfg = dict(small.config)
+    big = UNet(cfg["channels"], base=cfg["base"], mults=(*cfg["mults"], mult),
+               blocks=cfg["blocks"], emb_dim=cfg["emb_dim"])
+    levels = len(cfg["mults"])
+    state = big.state_dict()
+    for key, value in small.state_dict().items():
+        if key.startswith("dec."):   # old decoder level i is the big one's level i + 1
+            idx, rest = key[4:].split(".", 1)
+            key = f"dec.{int(idx) + 1}.{rest}"
+        state[key] = value.clone()
+    big.load_state_dict(state)
+    width_new, width_old = cfg["base"] * mult, cfg["base"] * cfg["mults"][-1]
+    with torch.no_grad():
+        for i, block in enumerate(big.dec[0]):
+            block.conv2.weight.zero_()
+            block.conv2.bias.zero_()
+            if i == 0:
+                block.skip.weight.zero_()
+                block.skip.bias.zero_()
+                eye = torch.eye(width_old) * 2 ** (cfg["blocks"] / 2)
+                block.skip.weight[:, width_new:, 0, 0] = eye
+    assert len(big.enc) == levels + 1
+    return big
+
+
 def batch_function(family: str | Sequence[str], crop: int, batch_size: int,
                    seed: int) -> tuple[Callable[[int], np.ndarray], int]:
     """(step -> batch, channels) for a named family or HDF5 file(s) with an ``image``
@@ -172,10 +204,15 @@ def train_prior(out_dir: str | os.PathLike, *, family: str | Sequence[str] = "na
             from diffrecon.priors import load as load_prior
 
             init = load_prior(init_from)
-            if getattr(init, "net", None) is None or init.net.config != net.config:
+            old = getattr(init, "net", None)
+            if old is not None and old.config != net.config and {
+                    **old.config, "mults": old.config["mults"] + net.config["mults"][-1:]
+            } == net.config:
+                old = grow_unet(old, net.config["mults"][-1])
+            if old is None or old.config != net.config:
                 raise ValueError(f"init_from {init_from!r} is not a network prior with config "
-                                 f"{net.config}")
-            net.load_state_dict(init.net.state_dict())
+                                 f"{net.config} (or that config less its last level)")
+            net.load_state_dict(old.state_dict())
         ema.load_state_dict(net.state_dict())
         stats = data_statistics(batches, channels)
     ema.requires_grad_(False)
