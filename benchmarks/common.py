@@ -1,13 +1,17 @@
-"""Shared helpers of the benchmark scripts: provenance header, markdown tables, GMM metrics,
-aggregation over seeds.
+"""The one shared module of the benchmark scripts: their command line, provenance header,
+markdown tables, GMM metrics, aggregation over seeds.
 
-Every benchmark script has ``main(argv=None) -> str`` that prints a markdown report and
-returns it, a ``--quick`` mode (CI smoke, seconds) and a full mode. Benchmark seeds are
->= 1000 (tests use seeds < 100).
+Every benchmark script is a module of this package run from the repository root as
+``python -m benchmarks.<name> [--quick] [--out DIR]``: its ``main(argv=None)`` parses
+:func:`arguments`, prints a markdown report (and returns it), writes any files only under
+``--out``, and has a ``--quick`` mode (CI smoke, seconds to minutes) next to its full mode.
+``python -m benchmarks`` (``diffrecon bench``) runs them all. Benchmark seeds are >= 1000
+(tests use seeds < 100).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import math
 import os
@@ -70,6 +74,18 @@ def header() -> str:
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
     ]
     return "\n".join(lines)
+
+
+def arguments(doc: str, quick: str) -> argparse.ArgumentParser:
+    """The command line every benchmark script starts from: description (the first line of
+    ``doc``), ``--quick`` (``quick`` says what the smoke mode runs), ``--out`` (folder for
+    the files the script writes; None: it writes none, unless it says otherwise) and
+    ``--threads`` (torch intra-op threads)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=f"CI smoke: {quick}")
+    p.add_argument("--out", type=Path, default=None, help="folder for the files it writes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    return p
 
 
 def setup(threads: int = 1) -> None:
@@ -195,6 +211,6 @@ def pooled_smc_run(solver, y: Tensor, physics, prior, samples: int, n: int, seed
     return pooled, rec.mean.mean(0), ess, rec
 
 
-__all__ = ["NAN", "REPO", "SEED0", "cpu_model", "fmt", "fmt_ms", "git_commit", "gmm_metrics",
-           "header", "markdown_table", "mean_spread", "nice", "parse_table", "pooled_smc_run",
-           "setup", "versions"]
+__all__ = ["NAN", "REPO", "SEED0", "arguments", "cpu_model", "fmt", "fmt_ms", "git_commit",
+           "gmm_metrics", "header", "markdown_table", "mean_spread", "nice", "parse_table",
+           "pooled_smc_run", "setup", "versions"]

@@ -1,7 +1,7 @@
 """deepinv 0.5's own samplers (DPS, DDRM, DiffPIR) on the GMM exactness problems, with the
 same exact GMM denoiser diffrecon's solvers get.
 
-    python benchmarks/gmm_deepinv.py [--quick] [--d 8 80] [--dy 1 2 4] [--seeds 3]
+    python -m benchmarks.gmm_deepinv [--quick] [--d 8 80] [--dy 1 2 4] [--seeds 3]
 
 Adaptation (exact, documented). deepinv's samplers assume images in [0, 1] (DPS and DiffPIR
 work internally in [-1, 1], clip the denoised estimate to [-1, 1], and DiffPIR starts from
@@ -23,18 +23,15 @@ seed it with ``torch.manual_seed`` per run.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     SEED0,
+    arguments,
     fmt_ms,
     gmm_metrics,
     header,
@@ -171,15 +168,13 @@ COLUMNS = ["d", "d_y", "solver", "N", "NFE", "SW", "floor", "weight TV", "mean e
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="CI smoke: d=8, d_y=2, 1 seed, few steps")
+    p = arguments(__doc__, "d=8, d_y=2, 1 seed, few steps")
     p.add_argument("--d", type=int, nargs="+", default=[8, 80, 800])
     p.add_argument("--dy", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--steps", type=int, default=None, help="override every sampler's steps")
     p.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
-    p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     setup(a.threads)
     if a.quick:
@@ -188,7 +183,7 @@ def main(argv=None) -> str:
     rows = rows_for(a.d, a.dy, seeds, a.samples, a.steps, tuple(a.samplers))
     text = "\n\n".join([
         "## deepinv samplers on the GMM exactness problems", header(),
-        f"Command: `python benchmarks/gmm_deepinv.py {' '.join(argv or [])}`".replace(" `", "`"),
+        f"Command: `python -m benchmarks.gmm_deepinv {' '.join(argv or [])}`".replace(" `", "`"),
         f"{a.samples} draws per problem, seeds {seeds}; SW = sliced W1 (500 directions), "
         "mean ± sd over seeds. Problem mapped to [0, 1] exactly (see module docstring).",
         markdown_table(rows, COLUMNS)])

@@ -5,16 +5,16 @@ mean and spread over seeds, next to the noise floor (two independent exact sampl
 and the mixture-weight TV. RED-diff is a point estimator: its SW measures how far its
 seed-to-seed scatter is from the posterior, not a sampler's accuracy.
 
-    python benchmarks/gmm_dps_reddiff.py --n 500 --seeds 0 1 2
+    python -m benchmarks.gmm_dps_reddiff --n 500 --seeds 0 1 2 [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
+from benchmarks.common import arguments, setup
 from diffrecon.priors.analytic import mcgdiff_problem, mixture_weight_tv, sliced_wasserstein
 from diffrecon.recon.dps import DPSSolver
 from diffrecon.recon.reddiff import REDDiffSolver
@@ -24,8 +24,8 @@ def sw(a, b, seed):
     return float(sliced_wasserstein(a, b, 100, torch.Generator().manual_seed(seed)))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> str:
+    p = arguments(__doc__, "d = 8, d_y = 2, 1 seed, 100 samples, 10 steps each")
     p.add_argument("--n", type=int, default=500, help="samples per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--dims", type=int, nargs="+", default=[8, 80])
@@ -35,16 +35,21 @@ def main() -> None:
     p.add_argument("--reddiff-steps", type=int, default=300)
     p.add_argument("--reddiff-lr", type=float, default=0.01,
                    help="in half data-range units (the GMM range is about +-20)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    setup(args.threads)
+    if args.quick:
+        args.n, args.seeds, args.dims, args.dys = 100, [0], [8], [2]
+        args.dps_steps = args.reddiff_steps = 10
     solvers = {
         "dps": DPSSolver(steps=args.dps_steps, zeta=args.zeta, batch_size=args.n),
         "reddiff": REDDiffSolver(steps=args.reddiff_steps, lr=args.reddiff_lr,
                                  batch_size=args.n),
     }
-    print(f"n={args.n} seeds={args.seeds} dps steps={args.dps_steps} zeta={args.zeta} "
-          f"reddiff steps={args.reddiff_steps} lr={args.reddiff_lr}")
-    print("| d | d_y | floor | DPS SW | DPS TV | RED-diff SW | RED-diff TV | s/run |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = [f"n={args.n} seeds={args.seeds} dps steps={args.dps_steps} zeta={args.zeta} "
+             f"reddiff steps={args.reddiff_steps} lr={args.reddiff_lr}",
+             "| d | d_y | floor | DPS SW | DPS TV | RED-diff SW | RED-diff TV | s/run |",
+             "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     for d in args.dims:
         for dy in args.dys:
             rows = {k: [] for k in ("floor", "dps", "dps_tv", "reddiff", "reddiff_tv")}
@@ -65,9 +70,11 @@ def main() -> None:
                 t = torch.tensor(v)
                 return f"{float(t.mean()):.2f} ± {float(t.std()) if len(v) > 1 else 0.0:.2f}"
 
-            print(f"| {d} | {dy} | {fmt(rows['floor'])} | {fmt(rows['dps'])} | "
-                  f"{fmt(rows['dps_tv'])} | {fmt(rows['reddiff'])} | {fmt(rows['reddiff_tv'])} | "
-                  f"{per_run:.0f} |", flush=True)
+            lines.append(f"| {d} | {dy} | {fmt(rows['floor'])} | {fmt(rows['dps'])} | "
+                         f"{fmt(rows['dps_tv'])} | {fmt(rows['reddiff'])} | "
+                         f"{fmt(rows['reddiff_tv'])} | {per_run:.0f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -4,25 +4,21 @@ samples; independent runs of N particles pooled to 2000 as in the reference figu
 the exact noise floor, mixture-weight TV, posterior-mean error, final ESS / N and wall time,
 mean +- std over seeds.
 
-    python benchmarks/gmm_smc.py --dims 8 80 --particles 100 1000 --seeds 3
-    python benchmarks/gmm_smc.py --dims 80 --proposals gaussian \
+    python -m benchmarks.gmm_smc --dims 8 80 --particles 100 1000 --seeds 3
+    python -m benchmarks.gmm_smc --dims 80 --proposals gaussian \
         --option potential_covariance=operator
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import SEED0, pooled_smc_run  # noqa: E402
+from benchmarks.common import SEED0, arguments, pooled_smc_run, setup
 from diffrecon.priors.analytic import mcgdiff_problem, mixture_weight_tv, sliced_wasserstein
-from diffrecon.recon.smc import PROPOSALS, SMCSolver  # noqa: E402
+from diffrecon.recon.smc import PROPOSALS, SMCSolver
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -54,8 +50,8 @@ def one(d: int, d_y: int, n: int, proposal: str, seed: int, steps: int,
     return [float(sw), float(floor), float(tv), float(err), ess, wall]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> str:
+    p = arguments(__doc__, "d = 8, d_y = 2, N = 100, 1 seed, 10 steps, every proposal")
     p.add_argument("--dims", type=int, nargs="+", default=[8, 80])
     p.add_argument("--dys", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--particles", type=int, nargs="+", default=[100, 1000])
@@ -64,23 +60,28 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra SMCOptions field for every row (repeatable); shown in the label")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    setup(a.threads)
+    if a.quick:
+        a.dims, a.dys, a.particles, a.seeds, a.steps = [8], [2], [100], 1, 10
     options = dict(parse_option(t) for t in a.option)
     suffix = "".join(f" {k}={v}" for k, v in options.items())
-    torch.set_num_threads(1)
     cols = ["SW", "floor", "TV", "mean err", "ESS/N", "time s"]
     seeds = [SEED0 + 10 * i for i in range(a.seeds)]  # held out: tests use seeds < 100
-    print(f"steps={a.steps}, sigma_max=500, problem seeds {seeds}; mean +- std over seeds")
-    print("| d | d_y | N | proposal | " + " | ".join(cols) + " |")
-    print("|---" * (4 + len(cols)) + "|")
+    lines = [f"steps={a.steps}, sigma_max=500, problem seeds {seeds}; mean +- std over seeds",
+             "| d | d_y | N | proposal | " + " | ".join(cols) + " |",
+             "|---" * (4 + len(cols)) + "|"]
+    print("\n".join(lines), flush=True)
     for d in a.dims:
         for d_y in a.dys:
             for n in a.particles:
                 for prop in a.proposals:
                     r = torch.tensor([one(d, d_y, n, prop, s, a.steps, options) for s in seeds])
-                    m, s = r.mean(0), r.std(0)
-                    cells = " | ".join(f"{mi:.2f}+-{si:.2f}" for mi, si in zip(m, s, strict=True))
-                    print(f"| {d} | {d_y} | {n} | {prop}{suffix} | {cells} |", flush=True)
+                    m, sd = r.mean(0), r.std(0) if len(seeds) > 1 else torch.zeros_like(r[0])
+                    cells = " | ".join(f"{mi:.2f}+-{si:.2f}" for mi, si in zip(m, sd, strict=True))
+                    lines.append(f"| {d} | {d_y} | {n} | {prop}{suffix} | {cells} |")
+                    print(lines[-1], flush=True)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

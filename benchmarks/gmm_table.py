@@ -2,7 +2,7 @@
 DDS and every SMC variant, plus deepinv's own samplers (``gmm_deepinv``), against the exact
 posterior.
 
-    python benchmarks/gmm_table.py [--quick] [--d 8 80 800] [--dy 1 2 4] [--seeds 3]
+    python -m benchmarks.gmm_table [--quick] [--d 8 80 800] [--dy 1 2 4] [--seeds 3]
                                    [--N 100 1000] [--steps 100] [--no-deepinv]
 
 Per problem (d, d_y, seed): ``mcgdiff_problem(d, d_y, seed)``; 2000 posterior draws per
@@ -20,16 +20,13 @@ protocol's 100 DDIM steps at eta 0.85).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import gmm_deepinv  # noqa: E402
-from benchmarks.common import (  # noqa: E402
+from benchmarks import gmm_deepinv
+from benchmarks.common import (
     SEED0,
+    arguments,
     fmt_ms,
     gmm_metrics,
     header,
@@ -134,9 +131,7 @@ def reference_table() -> str:
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true",
-                   help="CI smoke: d=8, d_y=2, 1 seed, N=100, 10 steps, 500 draws")
+    p = arguments(__doc__, "d=8, d_y=2, 1 seed, N=100, 10 steps, 500 draws")
     p.add_argument("--d", type=int, nargs="+", default=[8, 80, 800])
     p.add_argument("--dy", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--seeds", type=int, default=3, help="number of problem seeds (from 1000)")
@@ -147,7 +142,6 @@ def main(argv=None) -> str:
     p.add_argument("--no-deepinv", action="store_true", help="skip deepinv's samplers")
     p.add_argument("--deepinv-steps", type=int, default=None,
                    help="steps of deepinv's samplers (default: their own defaults)")
-    p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     setup(a.threads)
     if a.quick:
@@ -162,7 +156,7 @@ def main(argv=None) -> str:
         rows.sort(key=lambda r: (r["d"], r["d_y"]))
     text = "\n\n".join([
         "## GMM exactness table", header(),
-        f"Command: `python benchmarks/gmm_table.py {' '.join(argv or [])}`",
+        f"Command: `python -m benchmarks.gmm_table {' '.join(argv or [])}`",
         f"Seeds {seeds}; {a.samples} draws per solver; diffrecon solvers: {a.steps} steps; "
         f"deepinv samplers: {a.deepinv_steps or 'their default'} steps. SW = sliced W1 "
         "(500 directions) vs 2000 exact draws, floor = exact vs exact; mean ± sd over seeds. "

@@ -1,14 +1,14 @@
 """Image quality of every solver with the shipped priors (issue "Benchmarks", table 2).
 
-    python benchmarks/images.py [--quick] [--tasks mri-4x ct-30 ...] [--solvers dds smc ...]
+    python -m benchmarks.images [--quick] [--tasks mri-4x ct-30 ...] [--solvers dds smc ...]
                                 [--out benchmarks/images_results] [--collect]
 
 Scans are simulated on held-out ``split="test"`` phantoms (file seeds >= 1000, see
 ``benchmarks.common.SEED0``) in the documented layouts and run through the same code path as
-``diffrecon run``: ``pipeline.plan_file`` + ``pipeline.compute`` (normalisation into the
-prior's range, per-slice physics, solver, mapping back to scan units). Metrics are the
-fastMRI definitions of ``diffrecon.metrics`` on the magnitude image (MRI, against the
-noise-free ``ground_truth_complex``), the attenuation image (CT) or the intensity image,
+``diffrecon run``: ``problems.load_problem`` (normalisation into the prior's range, per-slice
+physics), the solver per slice with seed material (seed, slice), mapping back to scan units.
+Metrics are the fastMRI definitions of ``diffrecon.metrics`` on the magnitude image (MRI,
+against the noise-free ``ground_truth_complex``), the attenuation image (CT) or the intensity image,
 volume data range = max of the reference over the task's slices; tables give the mean over
 slices (± sd over slices for PSNR).
 
@@ -45,7 +45,6 @@ supplementary runs in sub-folders, ``--out <out>/smc``, are merged in).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -59,14 +58,12 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks._images_deepinv import run_deepinv
+from benchmarks._images_report import collect, display, figure, report
+from benchmarks.common import (
     REPO,
     SEED0,
-    fmt_ms,
-    header,
-    markdown_table,
+    arguments,
     setup,
 )
 
@@ -143,14 +140,6 @@ def ground_truth(task: Task, path: Path) -> np.ndarray:
     return ref[:, None] if ref.ndim == 3 else ref
 
 
-def display(task: Task, x: np.ndarray) -> np.ndarray:
-    """Prior layout (..., C, H, W) -> the image that is scored: magnitude for MRI (as
-    ``diffrecon run`` writes it), else the single channel / the channels as they are."""
-    if task.modality == "mri":
-        return np.sqrt(x[..., 0, :, :] ** 2 + x[..., 1, :, :] ** 2)
-    return x[..., 0, :, :] if x.shape[-3] == 1 else x
-
-
 # ------------------------------------------------------------------------------ solvers
 @dataclass(frozen=True)
 class Config:
@@ -225,73 +214,6 @@ def quick_baselines(modality: str) -> list[Config]:
             or c.label in ("TV lam=0.001", "TV lam=0.03")]
 
 
-# ------------------------------------------------------------------------------ deepinv
-class UnitDenoiser(torch.nn.Module):
-    """A diffrecon prior as a deepinv denoiser ``forward(u, sigma)`` on [0, 1] images (the
-    range deepinv's DPS and DiffPIR assume): with x = lo + span u, span = hi - lo,
-    D_u(u, s) = (D_x(lo + span u, span s) - lo) / span."""
-
-    def __init__(self, prior):
-        super().__init__()
-        self.prior = prior
-        self.lo, hi = (float(v) for v in prior.data_range)
-        self.span = hi - self.lo
-
-    def forward(self, u, sigma, *args, **kwargs):
-        s = torch.as_tensor(sigma, dtype=u.dtype, device=u.device).reshape(-1)
-        s = s.expand(u.shape[0]) if s.numel() == 1 else s
-        # deepinv's DDRM ends its schedule at sigma = 0, where an EDM network's log(sigma)
-        # conditioning is -inf (NaN image): denoise at the prior's sigma_min instead (~identity)
-        s_x = (self.span * s).float().clamp_min(float(self.prior.sigma_min))
-        d = self.prior.denoise((self.lo + self.span * u).float(), s_x)
-        return ((d - self.lo) / self.span).to(u.dtype)
-
-
-def svd_physics(physics, sigma_u: float, img_size):
-    """The deepinv ``DecomposablePhysics`` DDRM needs: ``BlurFFT`` with the same kernel for a
-    circular blur of (C, H, W) images (equal to the task's operator to 1e-6), noise
-    ``sigma_u``. Other operators (multi-coil MRI, CT, bicubic SR) have no cheap SVD here:
-    ValueError."""
-    import deepinv as dinv
-
-    kernel = getattr(physics, "filter", None)
-    if kernel is None or not isinstance(physics, dinv.physics.Blur):
-        raise ValueError(f"DDRM needs an SVD (DecomposablePhysics); {type(physics).__name__} "
-                         f"has none here")
-    return dinv.physics.BlurFFT(img_size=tuple(img_size), filter=kernel,
-                                noise_model=dinv.physics.GaussianNoise(sigma_u))
-
-
-def run_deepinv(name: str, steps: int, y, physics, prior, seed: int, weight: float = 1.0):
-    """One draw (1, C, H, W) in prior units from deepinv's ``name`` ("dps" | "diffpir" |
-    "ddrm") on the problem mapped to [0, 1]: y_u = (y - A(lo 1)) / span, noise sigma_y /
-    span."""
-    import deepinv as dinv
-
-    den = UnitDenoiser(prior)
-    shape = physics.A_adjoint(y).shape
-    y_u = (y - physics.A(torch.full(shape, den.lo, dtype=y.dtype, device=y.device))) / den.span
-    sigma_u = float(physics.noise_model.sigma) / den.span
-    phys = dinv.physics.LinearPhysics(A=physics.A, A_adjoint=physics.A_adjoint,
-                                      noise_model=dinv.physics.GaussianNoise(sigma_u),
-                                      max_iter=20)  # CG iterations of DiffPIR's prox
-    torch.manual_seed(seed)
-    if name == "ddrm":
-        with torch.no_grad():
-            model = dinv.sampling.DDRM(den, sigmas=np.linspace(1, 0, steps))
-            u = model(y_u, svd_physics(physics, sigma_u, shape[1:]), seed=seed)
-        return (den.lo + den.span * u).detach()
-    if name == "dps":
-        model = dinv.sampling.DPS(den, num_steps=steps, weight=weight, dtype=torch.float32,
-                                  rng=torch.Generator().manual_seed(seed))
-        u = model(y_u, phys, x_init=tuple(shape), seed=seed)
-    else:
-        with torch.no_grad():
-            model = dinv.sampling.DiffPIR(den, dinv.optim.data_fidelity.L2(), max_iter=steps)
-            u = model(y_u, phys, seed=seed)
-    return (den.lo + den.span * u).detach()
-
-
 # ------------------------------------------------------------------------------ running
 def scores(task: Task, gt: np.ndarray, mean: np.ndarray, std: np.ndarray | None,
            samples: int) -> dict[str, Any]:
@@ -309,43 +231,40 @@ def scores(task: Task, gt: np.ndarray, mean: np.ndarray, std: np.ndarray | None,
     return out
 
 
-def run_config(task: Task, cfg: Config, path: Path, prior, gt: np.ndarray, problem_box: list,
+def run_config(task: Task, cfg: Config, problems: dict[bool, Any], prior, gt: np.ndarray,
                seed: int) -> dict[str, Any]:
-    """Run one configuration on every slice of the task's scan; a dict of per-slice metrics,
-    NFE, wall time (s per slice) and the first slice's mean / std (prior layout)."""
-    from diffrecon import pipeline
+    """Run one configuration on every slice of the task's scan, slice k with seed material
+    (seed, k) as ``diffrecon run`` does; a dict of per-slice metrics, NFE, wall time (s per
+    slice) and the first slice's mean / std (prior layout). ``problems[True]`` is the scan's
+    problem with the prior, ``problems[False]`` without (the classical rows')."""
+    from diffrecon.recon import get_solver
 
     t0 = time.perf_counter()
-    if cfg.family == "deepinv":
-        if not problem_box:
-            raise RuntimeError("deepinv rows need a prior-unit problem from an earlier row")
-        problem = problem_box[0]
-        means, times = [], []
-        for j, k in enumerate(problem.slices):
+    classical = cfg.family == "baseline"
+    problem = problems[not classical]
+    means, stds, times, nfes = [], [], [], []  # NFE: the solver's own count; deepinv: steps
+    if cfg.family != "deepinv":
+        solver = get_solver(cfg.solver, **({"steps": cfg.steps} if cfg.steps else {}),
+                            **cfg.options)
+    for j, k in enumerate(problem.slices):
+        norm = problem.normalisers[j]
+        if cfg.family == "deepinv":
             t1 = time.perf_counter()
             x = run_deepinv(cfg.solver, cfg.steps, problem.measurements[j], problem.physics[j],
                             prior, seed + k, **cfg.options)
             times.append(time.perf_counter() - t1)
-            means.append(problem.normalisers[j].from_prior(x[0].double()).numpy())
-        mean, std = np.stack(means), None
-        nfe = cfg.steps
-    else:
-        is_diffusion = cfg.family != "baseline"
-        with tempfile.TemporaryDirectory() as tmp:
-            plan = pipeline.plan_file(path, Path(tmp) / "out.h5", solver=cfg.solver,
-                                      prior=prior if is_diffusion else None, steps=cfg.steps,
-                                      samples=cfg.samples, seed=seed,
-                                      solver_options=cfg.options or None)
-            comp = pipeline.compute(plan, device="cpu")
-        order = comp.problem.slices
-        if not problem_box:
-            problem_box.append(comp.problem)
-        mean = np.stack([comp.means[k] for k in order])
-        std = np.stack([comp.stds[k] for k in order])
-        times = [comp.infos[k]["wall_time_s"] for k in order]
-        nfe = max(comp.infos[k]["nfe"] for k in order)
+            means.append(norm.from_prior(x[0].double()).numpy())
+            continue
+        rec = solver.solve(problem.measurements[j], problem.physics[j],
+                           None if classical else prior, num_samples=cfg.samples,
+                           seed=[(seed, k)])
+        means.append(norm.from_prior(rec.mean[0].detach().to(torch.float64)).numpy())
+        stds.append(norm.from_prior(rec.std[0].detach().to(torch.float64)).numpy())
+        times.append(float(rec.info["wall_time_s"]))
+        nfes.append(int(rec.info["nfe"]))
+    mean, std = np.stack(means), (np.stack(stds) if stds else None)
     row = {"label": cfg.label, "family": cfg.family, "solver": cfg.solver, "steps": cfg.steps,
-           "samples": cfg.samples, "options": cfg.options, "nfe": int(nfe),
+           "samples": cfg.samples, "options": cfg.options, "nfe": max(nfes, default=cfg.steps),
            "time_s": [float(t) for t in times], "total_s": time.perf_counter() - t0}
     samples = cfg.samples if cfg.family != "smc" else cfg.options.get("num_particles", 1)
     if not np.isfinite(mean).all():  # skimage's PSNR of a NaN image is inf: never score it
@@ -371,16 +290,19 @@ def run_task(task: Task, configs: list[Config], size: int, slices: int, out: Pat
              log=print) -> dict[str, Any]:
     """Simulate the task's scan, run every config (baselines first), write
     ``<out>/<task>.json`` and ``<out>/<task>.png``; returns the JSON content."""
-    from diffrecon import pipeline
+    from diffrecon import priors
+    from diffrecon.pipeline import DEFAULT_PRIORS
+    from diffrecon.problems import load_problem
 
-    prior = pipeline.load_prior(pipeline.DEFAULT_PRIORS[task.modality], torch.device("cpu"))
-    rows, problem_box = [], []
+    prior = priors.load(DEFAULT_PRIORS[task.modality]).eval()
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = simulate(task, Path(tmp), size, slices)
         gt = ground_truth(task, path)
+        problems = {True: load_problem(path, prior), False: load_problem(path)}
         for cfg in configs:
             try:
-                row = run_config(task, cfg, path, prior, gt, problem_box, task_seed(task.name))
+                row = run_config(task, cfg, problems, prior, gt, task_seed(task.name))
             except Exception as exc:  # noqa: BLE001 - a failing row is reported, not hidden
                 row = {"label": cfg.label, "family": cfg.family, "steps": cfg.steps,
                        "samples": cfg.samples, "error": f"{type(exc).__name__}: {exc}"[:200]}
@@ -402,189 +324,10 @@ def run_task(task: Task, configs: list[Config], size: int, slices: int, out: Pat
     return result
 
 
-# ------------------------------------------------------------------------------ figures
-def _best(rows, family):
-    ok = [r for r in rows if r["family"] == family and "psnr" in r]
-    return max(ok, key=lambda r: np.mean(r["psnr"])) if ok else None
-
-
-def figure(task: Task, result: dict, truth: np.ndarray, png: Path) -> None:
-    """PSNR vs wall time (per slice) and the first slice's images (best row per family)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    fams = ["baseline", "dds", "dps", "reddiff", "smc", "deepinv"]
-    picks = [r for r in (_best(rows, f) for f in fams) if r is not None]
-    ncol = 1 + len(picks)
-    fig = plt.figure(figsize=(1.55 * max(ncol, 6), 3.0 + 2 * 1.55))
-    grid = fig.add_gridspec(3, ncol, height_ratios=[2.0, 1.0, 1.0])
-    ax = fig.add_subplot(grid[0, :])
-    colours = dict(zip(fams, ["k", "C0", "C1", "C2", "C3", "C4"], strict=True))
-    for fam in fams:
-        pts = [r for r in rows if r["family"] == fam and "psnr" in r]
-        if fam in ("deepinv", "baseline"):
-            for r in pts:
-                ax.plot(np.mean(r["time_s"]), np.mean(r["psnr"]), "o" if fam == "deepinv"
-                        else "s", color=colours[fam], ms=4)
-                ax.annotate(r["label"].replace("deepinv ", "dinv "),
-                            (np.mean(r["time_s"]), np.mean(r["psnr"])), fontsize=6)
-            continue
-        for tag in sorted({(r["samples"], str(r["options"])) for r in pts}):
-            line = sorted((r for r in pts if (r["samples"], str(r["options"])) == tag),
-                          key=lambda r: np.mean(r["time_s"]))
-            t = [np.mean(r["time_s"]) for r in line]
-            p = [np.mean(r["psnr"]) for r in line]
-            ax.plot(t, p, "-o", color=colours[fam], ms=4, lw=1)
-            for r, ti, pi in zip(line, t, p, strict=True):
-                ax.annotate(r["label"], (ti, pi), fontsize=6)
-    ax.set_xscale("log")
-    ax.set_xlabel("wall time per slice (s, CPU)")
-    ax.set_ylabel("PSNR (dB)")
-    ax.set_title(f"{task.label}: {result['slices']} test slices, {result['size']} px", fontsize=9)
-    ax.grid(alpha=0.3)
-    vmax = float(truth.max())
-    images = [("truth", truth, None)] + [
-        (r["label"], display(task, r["_mean0"]),
-         None if r["_std0"] is None or not np.any(r["_std0"]) else display(task, r["_std0"])
-         if task.modality != "mri" else np.sqrt(r["_std0"][0] ** 2 + r["_std0"][1] ** 2))
-        for r in picks]
-    for c, (name, img, sd) in enumerate(images):
-        a = fig.add_subplot(grid[1, c])
-        a.imshow(img if img.ndim == 2 else img[0], cmap="gray", vmin=0, vmax=vmax)
-        a.set_title(name, fontsize=7)
-        a.axis("off")
-        b = fig.add_subplot(grid[2, c])
-        b.axis("off")
-        if c == 0:
-            continue
-        if sd is not None:
-            b.imshow(sd if sd.ndim == 2 else sd[0], cmap="viridis")
-            b.set_title("std", fontsize=7)
-        else:
-            err = np.abs(img - truth)
-            b.imshow(err if err.ndim == 2 else err[0], cmap="magma", vmin=0, vmax=0.3 * vmax)
-            b.set_title("|error|", fontsize=7)
-    fig.tight_layout()
-    tmp = png.with_name(png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=70)
-    plt.close(fig)
-    os.replace(tmp, png)
-
-
-# ------------------------------------------------------------------------------ tables
-COLUMNS = ["solver", "NFE", "draws", "time/slice (s)", "PSNR", "SSIM", "NMSE"]
-
-
-def task_table(result: dict) -> str:
-    rows = []
-    for r in result["rows"]:
-        if "error" in r:
-            rows.append({"solver": r["label"], "PSNR": f"failed: {r['error'][:80]}"})
-            continue
-        draws = r["options"].get("num_particles", r["samples"]) if r["family"] == "smc" \
-            else r["samples"] if r["family"] != "baseline" else None
-        rows.append({"solver": r["label"], "NFE": r["nfe"], "draws": draws,
-                     "time/slice (s)": float(np.mean(r["time_s"])), "PSNR": fmt_ms(r["psnr"]),
-                     "SSIM": float(np.mean(r["ssim"])), "NMSE": float(np.mean(r["nmse"]))})
-    return markdown_table(rows, COLUMNS)
-
-
-def summary_table(results: list[dict]) -> str:
-    rows = []
-    for res in results:
-        ok = [r for r in res["rows"] if "psnr" in r]
-        base = [r for r in ok if r["family"] == "baseline"]
-        diff = [r for r in ok if r["family"] != "baseline"]
-        b = max(base, key=lambda r: np.mean(r["psnr"])) if base else None
-        d = max(diff, key=lambda r: np.mean(r["psnr"])) if diff else None
-        gain = np.mean(d["psnr"]) - np.mean(b["psnr"]) if b and d else float("nan")
-        dssim = np.mean(d["ssim"]) - np.mean(b["ssim"]) if b and d else float("nan")
-        rows.append({
-            "task": res["task"], "best diffusion": d["label"] if d else "—",
-            "PSNR": float(np.mean(d["psnr"])) if d else None,
-            "SSIM": float(np.mean(d["ssim"])) if d else None,
-            "best baseline": b["label"] if b else "—",
-            "PSNR ": float(np.mean(b["psnr"])) if b else None,
-            "SSIM ": float(np.mean(b["ssim"])) if b else None,
-            "ΔPSNR (dB)": float(gain), "ΔSSIM": float(dssim)})
-    cols = ["task", "best diffusion", "PSNR", "SSIM", "best baseline", "PSNR ", "SSIM ",
-            "ΔPSNR (dB)", "ΔSSIM"]
-    return markdown_table(rows, cols)
-
-
-def coverage_table(results: list[dict]) -> str:
-    rows = []
-    for res in results:
-        for r in res["rows"]:
-            if "coverage" in r:
-                draws = r["options"].get("num_particles", r["samples"]) \
-                    if r["family"] == "smc" else r["samples"]
-                rows.append({"task": res["task"], "solver": r["label"], "draws": draws,
-                             "coverage (nominal 0.90)": r["coverage"],
-                             "std / RMSE": r["std_over_rmse"],
-                             "PSNR": float(np.mean(r["psnr"]))})
-    return markdown_table(rows, ["task", "solver", "draws", "coverage (nominal 0.90)",
-                                 "std / RMSE", "PSNR"])
-
-
-def report(results: list[dict], argv, quick: bool) -> str:
-    parts = ["## Image quality with the shipped priors (table 2)", header(),
-             f"Command: `python benchmarks/images.py {' '.join(argv)}`".replace(" `", "`"),
-             ("Mode: --quick (CI smoke; numbers are NOT meaningful)" if quick else "Mode: full"),
-             "Metrics: fastMRI PSNR / SSIM / NMSE (`diffrecon.metrics`), mean over slices "
-             "(PSNR ± sd over slices); time = solver wall time per slice on this CPU; NFE = "
-             "denoiser evaluations per draw as reported by the solver (SMC: per particle "
-             "batch step). Baseline weights are picked on the test slices (favours them)."]
-    if results:
-        r0 = results[0]
-        cards = sorted({f"{r['prior']} ({r.get('prior_training', '?').split('(')[0].strip()}"
-                        f", sha256 {r['prior_sha256'][:12]})" for r in results})
-        parts.append(f"Priors: {'; '.join(cards)}. "
-                     f"{r0['size']} px, {r0['slices']} slice(s) per task, file seeds "
-                     f"{sorted(r['seed'] for r in results)} (split 'test').")
-    parts.append("### Best diffusion solver vs best classical baseline\n\n"
-                 + summary_table(results))
-    for res in results:
-        parts.append(f"### {res['task']}: {res['label']}\n\n" + task_table(res))
-    parts.append("### Coverage of mean ± 1.64 std (>= 4 draws / particles)\n\n"
-                 + coverage_table(results))
-    return "\n\n".join(parts)
-
-
-def collect(out: Path) -> list[dict]:
-    """Results of ``<out>/<task>.json``, in task order; rows of ``<out>/*/<task>.json``
-    (supplementary runs, e.g. ``--solvers smc --out <out>/smc``) with the same size and
-    slice count are appended when their label is new, or replace a failed row."""
-    results = []
-    for name in TASKS:
-        files = [out / f"{name}.json"] + sorted(out.glob(f"*/{name}.json"))
-        found = [json.loads(f.read_text()) for f in files if f.is_file()]
-        if not found:
-            continue
-        main_res = found[0]
-        rows = main_res["rows"]
-        for extra in found[1:]:
-            if (extra["size"], extra["slices"]) != (main_res["size"], main_res["slices"]):
-                continue
-            for r in extra["rows"]:
-                at = [i for i, old in enumerate(rows) if old["label"] == r["label"]]
-                if not at:
-                    rows.append(r)
-                elif "error" in rows[at[0]] and "error" not in r:
-                    rows[at[0]] = r
-        results.append(main_res)
-    return results
-
-
 # ------------------------------------------------------------------------------ main
 def main(argv=None) -> str:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true",
-                   help="CI smoke: one MRI 4x and one CT 30-view slice at 32 px, DDS 10")
+    p = arguments(__doc__, "one MRI 4x and one CT 30-view slice at 32 px, DDS 10")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None)
     p.add_argument("--solvers", nargs="+", default=None,
                    choices=["dds", "dps", "reddiff", "smc", "deepinv", "baseline"],
@@ -603,13 +346,9 @@ def main(argv=None) -> str:
                    help="deepinv samplers to run (100 steps; DDRM on the blur tasks only)")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--slices", type=int, default=2)
-    p.add_argument("--out", default=None,
-                   help=f"output folder (default {DEFAULT_OUT.relative_to(REPO)}; --quick: a "
-                        f"temporary folder)")
     p.add_argument("--collect", action="store_true",
                    help="only rebuild tables.md from the JSON files in --out")
     p.add_argument("--notes", default=None, help="markdown file appended to the report")
-    p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     setup(a.threads)
     if a.out is None:
@@ -636,7 +375,7 @@ def main(argv=None) -> str:
                                    or r.solver in a.deepinv]
     results = []
     if a.collect:
-        results = collect(out)
+        results = collect(out, list(TASKS))
     else:
         for name in tasks:
             task = TASKS[name]

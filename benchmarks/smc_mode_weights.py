@@ -1,7 +1,7 @@
 """SMC mode-weight variance on one GMM problem: the posterior weights SMC puts on the top
 mixture components, run after run, against the exact ones (RESULTS.md table 1b diagnosis).
 
-    python benchmarks/smc_mode_weights.py [--d 80] [--dy 2] [--seed 1050] [--N 10000]
+    python -m benchmarks.smc_mode_weights [--d 80] [--dy 2] [--seed 1050] [--N 10000]
         [--steps 100 400] [--runs 3] [--proposal gaussian] [--chain 100000] [--quick]
 
 Per run: sum over particles of normalised weight x exact posterior responsibility of each
@@ -15,10 +15,9 @@ weights is discretisation bias that no particle count removes.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
+from benchmarks.common import arguments, setup
 from diffrecon.priors.analytic import mcgdiff_problem
 from diffrecon.recon.smc import PROPOSALS, SMCSolver
 
@@ -49,8 +48,8 @@ def chain_target_weights(prior, post, steps: int, draws: int, chunk: int = 20000
     return implied / implied.sum()
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> str:
+    p = arguments(__doc__, "d = 8, N = 200, 10 steps, 1 run")
     p.add_argument("--d", type=int, default=80)
     p.add_argument("--dy", type=int, default=2)
     p.add_argument("--seed", type=int, default=1050, help="problem seed (held out: >= 1000)")
@@ -61,28 +60,32 @@ def main(argv=None) -> None:
     p.add_argument("--top", type=int, default=3, help="components shown")
     p.add_argument("--chain", type=int, default=0, metavar="M",
                    help="also the chain's model-target weights from M prior-chain draws")
-    p.add_argument("--quick", action="store_true", help="CI smoke: d = 8, N = 200, 10 steps")
     a = p.parse_args(argv)
     if a.quick:
         a.d, a.N, a.steps, a.runs = 8, 200, [10], 1
-    torch.set_num_threads(1)
+    setup(a.threads)
     prior, physics, y, _ = mcgdiff_problem(a.d, a.dy, a.seed)
     post = prior.posterior(physics, y)
     top = torch.topk(post.weights, a.top).indices
-    print(f"d={a.d} d_y={a.dy} seed={a.seed} N={a.N} proposal={a.proposal}")
-    print("exact weights:", [round(float(post.weights[k]), 3) for k in top])
+    lines = [f"d={a.d} d_y={a.dy} seed={a.seed} N={a.N} proposal={a.proposal}",
+             f"exact weights: {[round(float(post.weights[k]), 3) for k in top]}"]
+    print("\n".join(lines), flush=True)
     for steps in a.steps:
         if a.chain:
             target = chain_target_weights(prior, post, steps, a.chain)
-            print(f"steps {steps} chain model target: {[round(float(target[k]), 3) for k in top]}")
+            lines.append(f"steps {steps} chain model target: "
+                         f"{[round(float(target[k]), 3) for k in top]}")
+            print(lines[-1], flush=True)
         for run in range(a.runs):
             solver = SMCSolver(num_particles=a.N, proposal=a.proposal, steps=steps,
                                sigma_max=500.0, cg_iters=a.dy + 4, chunk_size=2000)
             rec = solver.solve(y, physics, prior, num_samples=1, seed=run)
             w = torch.softmax(rec.log_weights[:, 0].double(), 0)
             mode_w = (w[:, None] * post.responsibilities(rec.particles[:, 0].double())).sum(0)
-            print(f"steps {steps} run {run}: {[round(float(mode_w[k]), 3) for k in top]}, "
-                  f"final ESS {rec.info['final_ess'][0]:.0f}", flush=True)
+            lines.append(f"steps {steps} run {run}: {[round(float(mode_w[k]), 3) for k in top]}, "
+                         f"final ESS {rec.info['final_ess'][0]:.0f}")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

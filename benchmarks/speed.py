@@ -1,7 +1,7 @@
 """Speed: wall time per NFE of each solver against the bare denoiser, SMC memory per particle,
 CG share of DDS, deepinv DPS vs diffrecon DPS.
 
-    python benchmarks/speed.py [--quick] [--size 64] [--steps 20] [--batch 4]
+    python -m benchmarks.speed [--quick] [--size 64] [--steps 20] [--batch 4]
 
 Problem: Shepp-Logan (size x size) blurred by a Gaussian kernel (std 1.5 px, circular),
 noise 0.02. Prior: the shipped "phantom-ct" network when ``diffrecon.priors.available()``
@@ -31,13 +31,10 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import SEED0, header, markdown_table, nice, setup  # noqa: E402
+from benchmarks.common import REPO, SEED0, arguments, header, markdown_table, nice, setup
 
 SOLVER_ROWS = {  # label -> (registry name, options, uses a backward pass)
     "dps": ("dps", {}, True),
@@ -163,9 +160,9 @@ def smc_memory_per_particle(proposal: str, size: int, steps: int, n1: int, n2: i
     else:
         peaks = []
         for n in (n1, n2):
-            cmd = [sys.executable, __file__, "--_memory", str(n), proposal, str(size),
-                   str(steps)] + (["--quick"] if quick else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+            cmd = [sys.executable, "-m", "benchmarks.speed", "--_memory", str(n), proposal,
+                   str(size), str(steps)] + (["--quick"] if quick else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
             peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss"])
         method = "peak RSS of fresh subprocesses"
@@ -225,15 +222,13 @@ def dps_comparison(prior, size, steps, batch, repeats) -> list[dict]:
 
 # ---------------------------------------------------------------------------- main
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="CI smoke: 16 px, 3 steps, tiny net")
+    p = arguments(__doc__, "16 px, 3 steps, tiny net")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=4, help="chains / particles per pass")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--particles", type=int, nargs=2, default=[16, 64],
                    help="N1 N2 for the SMC memory difference")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--_memory", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._memory:
@@ -262,7 +257,7 @@ def main(argv=None) -> str:
     dps = dps_comparison(prior, a.size, a.steps, a.batch, a.repeats)
     text = "\n\n".join([
         "## Speed", header(),
-        f"Command: `python benchmarks/speed.py {' '.join(argv or [])}`",
+        f"Command: `python -m benchmarks.speed {' '.join(argv or [])}`",
         f"Problem: {a.size}x{a.size} Shepp-Logan, Gaussian blur (std 1.5 px), noise 0.02; "
         f"prior: {prior_desc}; {a.batch} rows per pass; median of {a.repeats} runs.",
         markdown_table(base),

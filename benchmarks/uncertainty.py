@@ -1,7 +1,7 @@
 """Coverage of central credible intervals per solver: how often the truth lies within
 mean +- 1.64 std (nominal 90% for a Gaussian posterior).
 
-    python benchmarks/uncertainty.py [--quick] [--seeds 5] [--samples 200]
+    python -m benchmarks.uncertainty [--quick] [--seeds 5] [--samples 200]
 
 Two problems with exact posteriors:
   gmm    the GMM protocol (``mcgdiff_problem(d, d_y, seed)``, x_true drawn from the prior).
@@ -18,17 +18,14 @@ coverage is not a posterior statement. Solver options: defaults except ``steps``
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     SEED0,
+    arguments,
     fmt_ms,
     header,
     markdown_table,
@@ -36,7 +33,7 @@ from benchmarks.common import (  # noqa: E402
     nice,
     setup,
 )
-from diffrecon.priors.base import Prior  # noqa: E402
+from diffrecon.priors.base import Prior
 
 Z90 = 1.64
 SOLVERS = {  # label -> (registry name, options)
@@ -134,8 +131,7 @@ def coverage_rows(problem: str, make, seeds, labels, steps, samples) -> list[dic
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="CI smoke: 1 seed, tiny problems")
+    p = arguments(__doc__, "1 seed, tiny problems")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--samples", type=int, default=200, help="draws / particles per solve")
     p.add_argument("--steps", type=int, default=50)
@@ -143,7 +139,6 @@ def main(argv=None) -> str:
     p.add_argument("--dy", type=int, default=2, help="GMM measurement dimension")
     p.add_argument("--size", type=int, default=16, help="image side (pixels)")
     p.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS))
-    p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     setup(a.threads)
     if a.quick:
@@ -162,7 +157,7 @@ def main(argv=None) -> str:
     nominal = 2 * 0.5 * (1 + math.erf(Z90 / math.sqrt(2))) - 1
     text = "\n\n".join([
         "## Uncertainty: coverage of mean ± 1.64 std intervals", header(),
-        f"Command: `python benchmarks/uncertainty.py {' '.join(argv or [])}`",
+        f"Command: `python -m benchmarks.uncertainty {' '.join(argv or [])}`",
         f"Seeds {seeds}; {a.samples} draws (SMC: particles) per solve; {a.steps} steps. "
         f"Nominal coverage for a Gaussian posterior: {nominal:.3f}.",
         markdown_table(rows, COLUMNS)])

@@ -22,13 +22,7 @@ def _physics(a, sigma):
     return matrix(torch.as_tensor(a, dtype=torch.float64), sigma)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two threads on the shared, loaded CPU are slower than one for these sizes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_spd(rng, k, d, scale=1.0):

@@ -1,18 +1,26 @@
 """Smoke tests of the benchmark scripts: each ``--quick`` main() runs in-process and prints
-markdown tables with the expected columns and finite numbers (no timing assertions)."""
+markdown tables with the expected columns and finite numbers (no timing assertions); the
+runner (``python -m benchmarks``, ``diffrecon bench``) collects reports where it is told."""
 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import common, gmm_table, run_all, speed, uncertainty  # noqa: E402
+from benchmarks import __main__ as runner
+from benchmarks import (
+    common,
+    denoise_prior,
+    gmm_dds,
+    gmm_dps_reddiff,
+    gmm_smc,
+    gmm_table,
+    smc_mode_weights,
+    speed,
+    uncertainty,
+)
 
 
 def table_after(text: str, heading: str) -> tuple[list[str], list[dict[str, str]]]:
@@ -29,11 +37,7 @@ def value(cell: str) -> float:
     return math.nan if head == "—" else float(head)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_common_helpers():
@@ -108,19 +112,25 @@ def test_uncertainty_quick():
             assert value(r["width ratio"]) == 1
 
 
-def test_run_all_writes_results(tmp_path, monkeypatch):
-    calls = []
+@pytest.mark.parametrize("module, needle", [
+    (gmm_dds, "| 8 | 2 |"), (gmm_dps_reddiff, "| 8 | 2 |"), (gmm_smc, "| 8 | 2 | 100 | twisted"),
+    (smc_mode_weights, "steps 10 run 0:"), (denoise_prior, "| 0.1 |")])
+def test_quick_mode_of_the_small_scripts(module, needle, capsys):
+    text = module.main(["--quick"])  # denoise_prior: no arguments needed, nothing written
+    assert needle in text and text in capsys.readouterr().out
+    assert "nan" not in text.lower(), text
 
-    def fake(name):
-        def main(argv):
-            calls.append((name, argv))
-            return f"## {name}\n\n| a |\n|---|\n| 1 |"
-        return main
 
-    monkeypatch.setattr(run_all, "SCRIPTS", {n: fake(n) for n in run_all.SCRIPTS})
-    out = tmp_path / "RESULTS.md"
-    doc = run_all.main(["--quick", "--out", str(out)])
-    assert out.read_text() == doc
-    assert [c[0] for c in calls] == ["gmm_table", "speed", "uncertainty"]
-    assert all("--quick" in c[1] for c in calls)
-    assert "benchmarks/images.py" in doc and "git commit" in doc
+def test_runner_writes_reports_where_told(tmp_path, capsys):
+    names = runner.scripts()
+    assert {"gmm_dds", "images", "speed"} <= set(names)
+    assert "common" not in names and not any(n.startswith("_") for n in names)
+    out = tmp_path / "bench"
+    assert runner.main(["smc_mode_weights", "--quick", "--out", str(out)]) == 0
+    report = (out / "smc_mode_weights.md").read_text()
+    assert "exact weights:" in report and "steps 10 run 0:" in report
+    doc = (out / "RESULTS.md").read_text()
+    assert report.strip() in doc and "git commit" in doc and "--quick" in doc
+    assert sorted(p.name for p in out.iterdir()) == ["RESULTS.md", "smc_mode_weights.md"]
+    assert runner.main(["no-such-benchmark", "--out", str(out)]) == 2
+    assert "unknown benchmark 'no-such-benchmark'" in capsys.readouterr().err

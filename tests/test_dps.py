@@ -9,8 +9,7 @@ import deepinv as dinv
 import pytest
 import torch
 
-from diffrecon.priors.analytic import Gaussian, GaussianMixture, mcgdiff_problem
-from diffrecon.priors.base import Prior
+from diffrecon.priors.analytic import Gaussian, mcgdiff_problem
 from diffrecon.recon.common import RowNoise, make_generators
 from diffrecon.recon.dps import DPSSolver
 from diffrecon.recon.schedules import vp_betas
@@ -139,27 +138,11 @@ def test_gaussian_posterior_mean():
     assert float(s[:, m:].mean(0).abs().max()) < 4 / math.sqrt(n)
 
 
-class FlatGMM(Prior):
-    """A GaussianMixture over flattened images (B, C, H, W): test stand-in image prior."""
-
-    def __init__(self, images, variance):
-        super().__init__()
-        self.shape = tuple(images.shape[1:])
-        self.gmm = GaussianMixture(images.flatten(1), torch.ones(images.shape[0]),
-                                   variance=variance)
-        self.data_range = (0.0, 1.0)
-
-    def _denoise(self, x, sigma):
-        return self.gmm.denoise(x.flatten(1), sigma).view_as(x)
-
-
-def test_image_smoke_blur():
-    from diffrecon.datasets.phantoms import phantom_batch
+def test_image_smoke_blur(ellipse_gmm):
     from diffrecon.metrics import psnr
     from diffrecon.operators.blur import blur
 
-    imgs = torch.from_numpy(phantom_batch("ellipses", 32, range(4))).to(F64)[:, None]
-    prior = FlatGMM(imgs, variance=1e-3)
+    imgs, prior = ellipse_gmm
     physics = blur("gaussian", width=2.0, noise_sigma=0.05, dtype=F64)
     g = torch.Generator().manual_seed(0)
     x_true = imgs[2:3] + 0.03 * torch.randn(imgs[2:3].shape, generator=g, dtype=F64)

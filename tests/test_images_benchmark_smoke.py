@@ -6,23 +6,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common, images
+from benchmarks._images_deepinv import UnitDenoiser
 
-from benchmarks import common, images  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def table_after(text: str, heading: str) -> list[dict[str, str]]:
@@ -65,7 +57,7 @@ def test_unit_denoiser_is_exact_for_a_gaussian_prior():
         def _denoise(self, x, sigma):
             return x / (1 + sigma.reshape(-1, *[1] * (x.ndim - 1)) ** 2)
 
-    den = images.UnitDenoiser(StdNormal())
+    den = UnitDenoiser(StdNormal())
     v = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for s in (0.05, 0.5, torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)):
         st = torch.as_tensor(s, dtype=torch.float64).reshape(-1, 1, 1, 1)

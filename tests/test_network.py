@@ -13,13 +13,7 @@ from diffrecon.priors.network import (
     save_network_prior,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared; avoid oversubscription
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_prior(channels=1, seed=0, **kw):

@@ -3,9 +3,6 @@ a closed-form Gaussian posterior, reproducibility and an image smoke test."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import deepinv as dinv
 import pytest
 import torch
@@ -135,16 +132,11 @@ def test_paper_equivalent_lam_reproduces_reference_objective_direction():
     torch.testing.assert_close(ours, ref * (3 / 0.2 ** 2), rtol=1e-12, atol=1e-12)
 
 
-def test_image_smoke_blur():
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_dps import FlatGMM
-
-    from diffrecon.datasets.phantoms import phantom_batch
+def test_image_smoke_blur(ellipse_gmm):
     from diffrecon.metrics import psnr
     from diffrecon.operators import blur
 
-    imgs = torch.from_numpy(phantom_batch("ellipses", 32, range(4))).to(F64)[:, None]
-    prior = FlatGMM(imgs, variance=1e-3)
+    imgs, prior = ellipse_gmm
     sy = 0.05
     physics = blur("gaussian", width=2.0, noise_sigma=sy, dtype=F64)
     g = torch.Generator().manual_seed(0)

@@ -33,12 +33,7 @@ from diffrecon.recon.smc_cloud import Measurement
 GMM = dict(steps=100, sigma_max=500.0, cg_iters=8, chunk_size=1000)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared CPU: one thread is faster and deterministic
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weighted_moments(rec):

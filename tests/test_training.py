@@ -18,12 +18,7 @@ SMALL = {"crop": 16, "batch_size": 8, "base": 8, "blocks": 1, "phantom_size": 32
          "warmup": 3, "device": "cpu", "seed": 5, "log_every": 1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared; avoid oversubscription
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_loss_decreases_and_resume_is_bit_exact(tmp_path):
