@@ -96,6 +96,8 @@ def test_compression_torch_matches_numpy_and_batches(problem):
     assert isinstance(tc, torch.Tensor) and tc.dtype == torch.complex64
     np.testing.assert_allclose(tc.numpy(), kc, rtol=0, atol=1e-6 * np.abs(kc).max())
     assert float(tenergy) == pytest.approx(float(energy), rel=1e-12)
+    assert compress_coils(k, "auto", energy=0.9, min_coils=7).kspace.shape[0] == 7
+    assert compress_coils(k, "auto", energy=0.9, min_coils=99).kspace.shape[0] == COILS
     both = compress_coils(np.stack([k, k[::-1]]), "auto", energy=0.99)
     assert both.kspace.shape[:2] == (2, both.matrix.shape[1]) and both.energy.shape == (2,)
     assert np.all(both.energy >= 0.99)
