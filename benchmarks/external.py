@@ -2,11 +2,11 @@
 
     nice -n 15 env OMP_NUM_THREADS=1 python benchmarks/external.py \\
         [--quick | --full] [--tasks PAT,...] [--rows PAT,...] [--images NAME,...] \\
-        [--prior NAME] [--out DIR] [--threads N] [--overwrite]
+        [--prior NAME] [--out DIR] [--threads N] [--overwrite] [--collect]
 
 Scans are simulated by ``benchmarks/external_sim.py``, which shares nothing with diffrecon's
 simulators (numpy / scipy / sigpy / scikit-image / h5py only), from held-out TEST images
-(never used to train, tune or select anything; ``/work/scratch/splits.md``): anatomy dipy
+(never used to train, tune or select anything; the TEST split of issue 15): anatomy dipy
 ``t1_coronal_slice``, matplotlib ``s1045.ima``, dipy ``S0_10slices`` slices 2-7; photographs
 scikit-image ``camera``, ``astronaut``, ``chelsea``, sklearn ``china``. The scan files hold no
 ground truth and no coil maps; the truth stays in ``<out>/truth``. Every reconstruction goes
@@ -27,16 +27,16 @@ Tasks (``--tasks``, fnmatch patterns; native sizes: anatomy 256 / 128 px, photos
 CT uses MR images and the ``camera`` photo as attenuation maps: no real CT is available
 outside the reserved packages.
 
-Rows (``--rows``, fnmatch patterns): ``default`` (plain ``diffrecon run``, no --solver /
---prior), ``dds-25 / -50 / -100``, ``reddiff-100`` (``--full`` adds ``dps-200``,
-``dps-1000`` and ``smc-16``: SMC, 16 particles, 50 steps), every baseline at its default
-(``zero-filled``, ``cg-sense``, ``l1-wavelet``, ``tv``, ``fbp`` where they apply) and at its
-oracle (``*-oracle``: the default value and one step either side, half-decade steps for
-``lam``, factor 2 for CG ``iters`` with ``lam=0``, extended (at most 4 steps) while the best
-value sits at an edge; one
-value per task, the best mean PSNR on the test images themselves, which FAVOURS the
-baselines), plus independent scikit-image references: ``skimage-fbp`` (iradon, ramp),
-``skimage-sart-oracle`` (best of 1-30 SART iterations) and ``skimage-bicubic`` (SR).
+Rows (``--rows``, fnmatch patterns), in run order: ``default`` (plain ``diffrecon run``, no
+--solver / --prior); every baseline at its default (``zero-filled``, ``cg-sense``,
+``l1-wavelet``, ``tv``, ``fbp`` where they apply) and at its oracle (``*-oracle``: the
+default value and one step either side, half-decade steps for ``lam``, factor 2 for CG
+``iters`` with ``lam=0``, extended (at most 4 steps) while the best value sits at an edge;
+one value per task, the best mean PSNR on the test images themselves, which FAVOURS the
+baselines); independent scikit-image references ``skimage-fbp`` (iradon, ramp),
+``skimage-sart-oracle`` (best of 1-30 SART iterations) and ``skimage-bicubic`` (SR); then
+``dds-25 / -50 / -100`` and ``reddiff-100`` (``--full`` adds ``dps-200``, ``dps-1000`` and
+``smc-16``: SMC, 16 particles, 50 steps).
 ``--prior`` is passed to the diffusion rows (not to ``default``). MRI rows other than
 ``default`` read ESPIRiT maps made once per file by ``diffrecon calib`` (``--coil-maps``;
 the maps are those ``run`` would estimate) and their s/slice includes that calibration time.

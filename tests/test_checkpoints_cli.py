@@ -51,10 +51,13 @@ def cli(args, code=0):
 
 
 @pytest.mark.parametrize("name, config, label, trust, ref", [
+    ("adm_dps_ffhq_tiny.pt", "adm_dps_ffhq_tiny.yaml", None, False, None),
     ("adm_dds_knee_tiny.pt", "adm_dds_knee_tiny.yml", None, False, None),
     ("adm_reddiff_imagenet_cond_tiny.pt", "adm_reddiff_imagenet_cond_tiny.yaml", 7, False, None),
     ("scoremri_knee_tiny.pth", "score_mri/configs/ve/scoremri_knee_tiny.py", None, False, None),
     ("edm_adm_cond_tiny.pkl", None, 3, True, "3"),
+    ("edm_adm_cond_tiny.pkl", None, None, True, "none"),
+    ("scoresde_celebahq_tiny.pth", None, None, False, None),
 ])
 def test_run_options_prior_matches_original_code(files, name, config, label, trust, ref):
     """The prior ``diffrecon run`` builds from its options is the original's D."""

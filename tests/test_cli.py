@@ -252,3 +252,38 @@ def test_train_prior_cli_resumes_and_reports(tmp_path):
     first = load_network_prior(out / "prior.pt").checksum
     ok(args)  # already at 3 steps: resumes and changes nothing
     assert load_network_prior(out / "prior.pt").checksum == first
+
+
+def test_call_depth_from_the_run_verb_to_the_prior(scans, tmp_path, monkeypatch):
+    """`diffrecon run` reaches the prior's D(x, sigma) through at most 8 diffrecon frames
+    (the verb, the batch, the file, Solver.solve, the algorithm, the Tweedie step or cloud
+    evaluation, the NFE counter, Prior.denoise), for each diffusion solver."""
+    import inspect
+
+    import diffrecon
+    from diffrecon import priors
+    from diffrecon.priors.base import Prior
+
+    package = str(Path(diffrecon.__file__).parent)
+    seen = {}
+
+    class Probe(Prior):
+        name, channels, data_range, sigma_min, sigma_max = "probe", 1, (0.0, 1.0), 0.01, 5.0
+
+        def _denoise(self, x, sigma):
+            stack = [(f.filename, f.function) for f in inspect.stack()[::-1]]
+            verb = max(i for i, (file, fn) in enumerate(stack)
+                       if fn == "run" and file.endswith("cli/run.py"))
+            seen.setdefault("frames", [f"{file[len(package) + 1:]}:{fn}" for file, fn
+                                       in stack[verb:] if file.startswith(package)])
+            return x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+    monkeypatch.setattr(priors, "load", lambda *args, **kw: Probe())
+    for solver in ("dds", "dps", "reddiff", "smc"):
+        seen.clear()
+        ok(["run", scans / "ct30.h5", "-o", tmp_path / f"{solver}.h5", "--solver", solver,
+            "--prior", "probe", "--steps", 2, "--option", "num_particles=2" if solver == "smc"
+            else "batch_size=1", "--quiet"])
+        frames = seen["frames"]
+        assert frames[0] == "cli/run.py:run" and frames[-1] == "priors/base.py:denoise"
+        assert len(frames) <= 8, (solver, frames)

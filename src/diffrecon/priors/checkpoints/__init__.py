@@ -214,7 +214,7 @@ def load_checkpoint(path, kind: str | None = None, config=None, *, trust_pickle:
     per = card_cfg.pop("per_channel", None) if isinstance(card_cfg, dict) else None
     channels = options.pop("channels", cfg.pop("per_channel", per))
     prior, card, inferred = LOADERS[kind](ckpt, cfg, dict(options), label)
-    prior.name = ckpt.path.name.split(".")[0] if ckpt.path.name else "prior"
+    prior.name = ckpt.path.stem or "prior"
     if channels is not None and prior.channels is None:
         prior.channels = int(channels)
     elif channels is not None and int(channels) != prior.channels:

@@ -1,0 +1,35 @@
+"""Smoke test of benchmarks/realsize.py --quick: it runs, prints its tables, and the checks it
+reports hold (fastMRI reads the file it writes, readout crop exact, compressed / coarse
+ESPIRiT close to full resolution, CT operators match the analytic phantom)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastmri")
+pytest.importorskip("nibabel")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common, realsize  # noqa: E402
+
+
+def test_realsize_quick(capsys):
+    report = realsize.main(["--quick"])
+    assert report in capsys.readouterr().out
+    assert "target max |diff| 0.0e+00" in report  # fastMRI SliceDataset: same target
+    cols, rows = common.parse_table(report[report.index("| step |"):])
+    steps = {r[0]: r for r in rows}
+    crop = next(r for k, r in steps.items() if k.startswith("readout crop"))
+    assert float(crop[2].split()[-1]) < 1e-6  # relative to fastMRI's transforms
+    cols, rows = common.parse_table(report[report.index("| maps |"):])
+    nrmse = {r[0]: float(r[1]) for r in rows}
+    assert nrmse["grid 48, 8 coils (8)"] < 1e-3
+    cols, rows = common.parse_table(report[report.index("| geometry |"):])
+    assert [r[0] for r in rows] == ["parallel", "fan (curved)"]
+    for r in rows:
+        row = dict(zip(cols, r, strict=True))
+        assert float(row["A vs analytic (rel L2)"]) < 0.03
+        assert float(row["FBP(analytic) PSNR dB"]) > 24
