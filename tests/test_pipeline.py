@@ -51,24 +51,6 @@ def scans(tmp_path_factory):
     }
 
 
-def test_normaliser_round_trip_and_mri_scale():
-    n = normalise.Normaliser(2.5)
-    x = torch.randn(3, 2, 4, 4)
-    assert torch.equal(n.from_prior(n.to_prior(x)), x / 2.5 * 2.5)
-    mag = np.linspace(0, 10, 1001)
-    assert normalise.reference_level(mag) == pytest.approx(9.9)
-    nm, rule = normalise.mri_normaliser(mag)  # a prior that declares nothing: the fallback
-    assert np.percentile(mag / nm.scale, 99) == pytest.approx(normalise.FALLBACK_REFERENCE)
-    assert rule == "scale = p99(|zero-filled SENSE image|) / 0.9"
-    declared = IsoGaussian()
-    declared.intensity_reference = 0.5  # the prior's own declaration wins
-    nm, rule = normalise.mri_normaliser(mag, declared)
-    assert np.percentile(mag / nm.scale, 99) == pytest.approx(0.5) and rule.endswith("/ 0.5")
-    assert normalise.fixed_normaliser({}, "f")[0].scale == 1.0
-    with pytest.raises(InputError, match="intensity_scale"):
-        normalise.fixed_normaliser({"intensity_scale": -1.0}, "f")
-
-
 def test_parse_slices():
     assert parse_slices("0,2,5-7") == [0, 2, 5, 6, 7]
     assert parse_slices(None) is None

@@ -45,3 +45,16 @@ def image_size(img_size, name: str, channels: int | None = None) -> tuple[int, i
     if channels is not None and size[0] != channels:
         raise InputError(f"{name}: img_size must have {channels} channels, got {img_size!r}.")
     return size
+
+
+def with_noise_sigma(physics, noise_sigma: float, name: str = "operator"):
+    """A shallow copy of ``physics`` with its own ``gaussian_noise(noise_sigma)``: buffers and
+    parameters (e.g. a CT projector's tables) are shared with the original, not copied."""
+    import copy
+
+    clone = copy.copy(physics)
+    for attr in ("_modules", "_buffers", "_parameters"):
+        if attr in vars(physics):
+            setattr(clone, attr, dict(getattr(physics, attr)))
+    clone.noise_model = gaussian_noise(noise_sigma, name)
+    return clone

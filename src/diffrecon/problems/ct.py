@@ -1,5 +1,6 @@
-"""CT scan -> Problem: the scan's parallel-beam operator, the fixed ``intensity_scale``
-normalisation and the file's noise level."""
+"""CT scan -> Problem: the scan's operator, ``normalise.scan_normaliser`` (the file's
+``intensity_scale``, else one scale per slice from its least-squares image) and the file's
+noise level."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .normalise import fixed_normaliser
+from .normalise import scan_normaliser
+from diffrecon.operators._common import with_noise_sigma
+
 from .problem import Problem
 
 
@@ -19,11 +22,16 @@ def load_ct(path, prior=None, slices=None, *, device="cpu") -> Problem:
 
     scan = read_ct_scan(path, slices=slices)
     sel = list(range(scan.n_slices)) if slices is None else list(slices)
-    norm, rule = fixed_normaliser(scan.attrs, path)
-    physics = scan.physics(device=device, noise_sigma=norm.to_prior(scan.noise_sigma))
-    ys = [norm.to_prior(torch.as_tensor(s.T.copy(), device=device)[None, None])
-          for s in scan.sinogram]
+    physics = scan.physics(device=device, noise_sigma=0.0)
+    raw = [torch.as_tensor(s.T.copy(), device=device)[None, None] for s in scan.sinogram]
+    image_scale, sinogram_scale = scan.scales
+    per_pixel = sinogram_scale / image_scale  # the pixel size for images in 1/mm, else 1
+    norms, phys, ys, rule = [], [], [], ""
+    for y in raw:
+        norm, rule = scan_normaliser(scan.attrs, path, physics, y, prior, per_pixel)
+        norms.append(norm)
+        phys.append(with_noise_sigma(physics, norm.to_prior(scan.noise_sigma), "ct"))
+        ys.append(norm.to_prior(y))
     meta = {"views": int(scan.angles.size), "noise_sigma": scan.noise_sigma,
             "angle_range_deg": float(np.degrees(np.ptp(scan.angles)))}
-    return Problem(Path(path), "ct", sel, ys, [physics] * len(sel), [norm] * len(sel), 1, rule,
-                   None, meta)
+    return Problem(Path(path), "ct", sel, ys, phys, norms, 1, rule, None, meta)

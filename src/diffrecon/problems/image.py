@@ -1,5 +1,5 @@
 """Image scan (deblurring, super-resolution, inpainting) -> Problem: the operator the file's
-attributes describe, the fixed ``intensity_scale`` normalisation and the file's noise level."""
+attributes describe, ``normalise.scan_normaliser`` and the file's noise level."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .normalise import fixed_normaliser
+from .normalise import scan_normaliser
+from diffrecon.operators._common import with_noise_sigma
+
 from .problem import Problem
 
 
@@ -17,10 +19,14 @@ def load_image(path, prior=None, slices=None, *, device="cpu") -> Problem:
 
     scan = read_image_scan(path, slices=slices)
     sel = list(range(scan.n_slices)) if slices is None else list(slices)
-    norm, rule = fixed_normaliser(scan.attrs, path)
-    physics = scan.physics(device=device, noise_sigma=norm.to_prior(scan.noise_sigma))
-    ys = [norm.to_prior(torch.as_tensor(m, device=device)[None]) for m in scan.measurement]
+    physics = scan.physics(device=device, noise_sigma=0.0)
+    raw = [torch.as_tensor(m, device=device)[None] for m in scan.measurement]
+    norms, phys, ys, rule = [], [], [], ""
+    for y in raw:
+        norm, rule = scan_normaliser(scan.attrs, path, physics, y, prior)
+        norms.append(norm)
+        phys.append(with_noise_sigma(physics, norm.to_prior(scan.noise_sigma), "image"))
+        ys.append(norm.to_prior(y))
     meta = {"operator": scan.operator, "noise_sigma": scan.noise_sigma,
             **{f"operator_{k}": v for k, v in scan.params.items()}}
-    return Problem(Path(path), "image", sel, ys, [physics] * len(sel), [norm] * len(sel),
-                   scan.channels, rule, None, meta)
+    return Problem(Path(path), "image", sel, ys, phys, norms, scan.channels, rule, None, meta)

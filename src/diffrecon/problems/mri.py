@@ -7,8 +7,9 @@
   sampled calibration lines (parameters recorded).
 * Noise level: the file's ``noise_sigma`` attribute, else a robust estimate from the outer
   k-space rows, floored per slice by the model-mismatch level of the least-squares fit.
-* Normalisation: ``normalise.mri_normaliser`` of the zero-filled SENSE magnitude (coil maps
-  normalised to sum |S|^2 = 1, so images are on the scale of ``reconstruction_rss``).
+* Normalisation: ``normalise.mri_normaliser``, per slice, from a short least-squares SENSE
+  image (coil maps normalised to sum |S|^2 = 1, so images are on the scale of
+  ``reconstruction_rss``).
 """
 
 from __future__ import annotations
@@ -68,8 +69,7 @@ def load_mri(path, prior=None, slices=None, *, device="cpu", acceleration=None,
         y = kspace_to_tensor(kspace[j][None], device=device)
         unit = operators.mri(mask_t, s, img_size=kspace.shape[-2:], noise_sigma=0.0,
                              device=device)
-        zf = unit.A_adjoint(y)[0]
-        norm, rule = mri_normaliser(torch.linalg.vector_norm(zf, dim=0).cpu().numpy(), prior)
+        norm, rule = mri_normaliser(unit, y, prior)
         norms.append(norm)
         ys.append(norm.to_prior(y))
         sigma_j = max(norm.to_prior(float(sigma)), model_mismatch_sigma(unit, ys[-1]))

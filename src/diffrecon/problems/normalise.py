@@ -1,15 +1,23 @@
 """Scan units <-> prior units: the only place where value ranges are converted.
 
-image = scale * prior-image; measurements and noise levels are divided by the same scale
-(every operator here is linear and offset-free).
+image = scale * prior-image and measurement = measurement_scale * prior-measurement (every
+operator here is linear and offset-free; the two scales differ only for CT sinograms of
+images in 1/mm, by the pixel size). A prior whose networks expect another range (e.g. ADM's
+[-1, 1]) maps its own input inside ``Prior.denoise``; the pipeline only matches intensities.
 
-* MRI: scale = reference_level(|zero-filled SENSE image of the slice|) / the prior's
-  ``intensity_reference`` (its declaration: the same statistic on its training images, in
-  prior units), so the scan's bright tissue lands where the prior's training images had it.
-  A prior that declares nothing gets ``FALLBACK_REFERENCE``.
-* CT and image scans: a fixed scale, the file's ``intensity_scale`` attribute (image units
-  per prior unit; default 1: those layouts store attenuation per pixel, resp. intensities,
-  already in [0, 1]).
+The intensity convention is the prior's own declaration ``intensity_reference``: the value of
+``reference_level`` (99th percentile of |x|) on its training images, in prior units. A scan's
+scale puts the same statistic of the scan's image at that value. The scan's image is not
+known before reconstruction, so its level is read from a short least-squares estimate
+(``least_squares_level``: 10 CG iterations on A^T A x = A^T y), which, unlike the zero-filled
+image, does not shrink with the sampling density of an MRI mask or depend on the views of a
+sinogram. A prior that declares nothing gets ``FALLBACK_REFERENCE``.
+
+One scale per slice, as the priors were trained (every training image normalised by its own
+level), so a slice's result does not depend on which other slices are selected. CT and image
+files may instead declare ``intensity_scale`` (image units per prior unit), used for every
+slice; CT sinograms of images in 1/mm are also divided by the pixel size
+(``datasets.ct.prior_scales``).
 """
 
 from __future__ import annotations
@@ -19,26 +27,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from diffrecon.errors import InputError
 
 # Intensity reference of a prior that declares none: the reference level of the MR phantoms
 # that the first shipped MRI prior (phantom-mri) was trained on.
 FALLBACK_REFERENCE = 0.9
+LEAST_SQUARES_ITERS = 10
 
 
 @dataclass(frozen=True)
 class Normaliser:
-    """image = scale * prior_image; ``scale`` in image units per prior unit."""
+    """image = scale * prior_image (image units per prior unit); measurements likewise with
+    ``measurement_scale`` (None: the same as ``scale``)."""
 
     scale: float
+    measurement_scale: float | None = None
 
     def to_prior(self, v):
-        """Image, measurement or noise level (data units) -> prior units."""
-        return v / self.scale
+        """Measurement or measurement noise std (data units) -> prior units."""
+        return v / (self.scale if self.measurement_scale is None else self.measurement_scale)
 
     def from_prior(self, v):
-        """Prior units -> data units (images, std, samples)."""
+        """Prior units -> image units (images, std, samples)."""
         return v * self.scale
 
 
@@ -55,20 +67,51 @@ def intensity_reference(prior) -> float:
     return FALLBACK_REFERENCE if declared is None else float(declared)
 
 
-def mri_normaliser(zero_filled_magnitude, prior=None) -> tuple[Normaliser, str]:
-    """Scale putting the reference level of the zero-filled SENSE magnitude at the prior's
-    intensity reference; with the rule as provenance text."""
-    reference = intensity_reference(prior)
-    level = reference_level(zero_filled_magnitude)
-    rule = f"scale = p99(|zero-filled SENSE image|) / {reference}"
-    return Normaliser(level / reference if level > 0 else 1.0), rule
+def least_squares_level(physics, y: torch.Tensor, complex_channels: bool = False,
+                        iters: int = LEAST_SQUARES_ITERS) -> float:
+    """``reference_level`` of a least-squares image of one measurement ``y`` (batch 1): ``iters``
+    CG iterations on A^T A x = A^T y in float64 from zero (early stopping regularises it).
+    ``complex_channels``: the image's 2 channels are (real, imaginary) and the level is taken
+    of the magnitude."""
+    from diffrecon.recon.common import cg, physics_in_dtype
+
+    with torch.no_grad():
+        phys = physics_in_dtype(physics, torch.float64)
+        y64 = y.to(torch.float64)
+        x = cg(lambda v: phys.A_adjoint(phys.A(v)), phys.A_adjoint(y64), iters=iters)
+        mag = torch.linalg.vector_norm(x, dim=1) if complex_channels else x.abs()
+        return reference_level(mag.cpu().numpy())
 
 
-def fixed_normaliser(attrs: dict[str, Any], path) -> tuple[Normaliser, str]:
-    """CT / image scans: the documented fixed scale ``intensity_scale`` (default 1)."""
-    scale = attrs.get("intensity_scale", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (
-            math.isfinite(scale) and scale > 0):
-        raise InputError(f"{path}: attribute 'intensity_scale' is {scale!r}, expected a "
-                         f"positive number")
-    return Normaliser(float(scale)), "scale = attribute intensity_scale (default 1)"
+def scale_for_level(level: float, prior) -> float:
+    """Image units per prior unit putting an image of reference level ``level`` at the
+    prior's intensity reference (1 for an empty image)."""
+    return level / intensity_reference(prior) if level > 0 and math.isfinite(level) else 1.0
+
+
+def mri_normaliser(physics, y, prior=None) -> tuple[Normaliser, str]:
+    """Per-slice MRI scale from the least-squares SENSE image of k-space ``y``; with the
+    rule as provenance text."""
+    level = least_squares_level(physics, y, complex_channels=True)
+    rule = (f"scale = p99(|least-squares SENSE image, {LEAST_SQUARES_ITERS} CG iterations|) "
+            f"/ {intensity_reference(prior)}")
+    return Normaliser(scale_for_level(level, prior)), rule
+
+
+def scan_normaliser(attrs: dict[str, Any], path, physics, y, prior=None,
+                    per_pixel: float = 1.0) -> tuple[Normaliser, str]:
+    """CT / image slices: the file's ``intensity_scale`` if declared, else the least-squares
+    level of the slice's measurement ``y`` (batch 1, file units). ``per_pixel``: measurement
+    units per image unit beyond the scale (the pixel size in mm for CT images in 1/mm)."""
+    if "intensity_scale" in attrs:
+        scale = attrs["intensity_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not (
+                math.isfinite(scale) and scale > 0):
+            raise InputError(f"{path}: attribute 'intensity_scale' is {scale!r}, expected a "
+                             f"positive number")
+        return (Normaliser(float(scale), float(scale) * per_pixel),
+                "scale = attribute intensity_scale")
+    measurement_scale = scale_for_level(least_squares_level(physics, y), prior)
+    rule = (f"scale = p99(|least-squares image, {LEAST_SQUARES_ITERS} CG iterations|) / "
+            f"{intensity_reference(prior)} (no intensity_scale attribute)")
+    return Normaliser(measurement_scale / per_pixel, measurement_scale), rule
