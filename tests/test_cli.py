@@ -243,15 +243,31 @@ def test_bench_lists_and_refuses_unknown_names(capfd):
 def test_train_prior_cli_resumes_and_reports(tmp_path):
     out = tmp_path / "prior"
     args = ["train-prior", "-o", out, "--steps", "3", "--batch-size", "2", "--crop", "16",
-            "--checkpoint-every", "1", "--report", "1", "-q"]
+            "--base", "8", "--mults", "1,2", "--workers", "0", "--checkpoint-every", "1", "-q"]
     res = ok(args)
     assert (out / "prior.pt").exists() and (out / "checkpoint.pt").exists()
-    assert "| 0.1 |" in res.stdout
+    # the default report of the ellipse family: the 8 held-out test phantoms
+    assert "on 8 held-out phantoms images" in res.stdout and "| 0.1 |" in res.stdout
     from diffrecon.priors import load_network_prior
 
     first = load_network_prior(out / "prior.pt").checksum
     ok(args)  # already at 3 steps: resumes and changes nothing
     assert load_network_prior(out / "prior.pt").checksum == first
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--crop", "18"], "train-prior: crop must be a multiple of 4, got 18"),
+    (["--lr-schedule", "linear"], "lr_schedule must be 'cosine' or 'constant'"),
+    (["--family", "no-such.h5"], "--family 'no-such.h5' is neither one of"),
+    (["--report", "faces"], "'--report': must be one of anatomy, photos, phantoms, none"),
+    (["--mults", "1,x"], "'--mults': must be comma-separated integers"),
+])
+def test_train_prior_bad_input_is_one_line(tmp_path, flags, message):
+    res = runner.invoke(app, ["train-prior", "-o", str(tmp_path / "p"), "--steps", "1",
+                              "--workers", "0", "-q", *flags])
+    err = (res.stderr or "").strip().splitlines()
+    assert res.exit_code == 2 and len(err) == 1 and message in err[0], (res.stderr, err)
+    assert not (tmp_path / "p" / "prior.pt").exists()
 
 
 def test_call_depth_from_the_run_verb_to_the_prior(scans, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from diffrecon.errors import InputError
 from diffrecon.training import data, photos, report, synthetic
 
 
@@ -74,3 +75,14 @@ def test_heldout_images_follow_the_prior_convention():
     assert data.reference_level(mag) == pytest.approx(0.9, rel=1e-5)
     assert report.psnr(two["camera"] + 0.01, two["camera"]) == pytest.approx(
         10 * np.log10(mag.max() ** 2 / 2e-4), abs=1e-3)
+
+
+def test_bad_training_files_are_input_errors(tmp_path):
+    import h5py
+
+    with pytest.raises(InputError, match=r"nope\.h5.* does not exist"):
+        data.load_h5_images([tmp_path / "nope.h5"])
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["kspace"] = np.zeros((2, 8, 8), np.complex64)
+    with pytest.raises(InputError, match=r"other\.h5' has no 'image' dataset"):
+        data.load_h5_images([tmp_path / "other.h5"])

@@ -1,4 +1,5 @@
-"""``diffrecon train-prior``: train a U-Net denoiser prior (thin over the training code)."""
+"""``diffrecon train-prior``: train a U-Net denoiser prior (thin over
+:func:`diffrecon.training.loop.train_prior` and :mod:`diffrecon.training.report`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,17 @@ from typing import Annotated, Any
 import typer
 
 from diffrecon.cli.app import app
+from diffrecon.errors import as_input_error
+
+REPORTS = ("anatomy", "photos", "phantoms", "none")
+
+
+def default_report(family: Any) -> str:
+    """Held-out images that suit a training family: the phantom test split for the phantom
+    families, photographs for the photographic mixtures, real anatomy otherwise."""
+    if family in ("ellipses", "mri-phantoms"):
+        return "phantoms"
+    return "photos" if family in ("natural", "gray") else "anatomy"
 
 
 @app.command("train-prior")
@@ -15,56 +27,86 @@ def train_prior_cmd(
     output_dir: Annotated[Path, typer.Option("-o", "--output-dir", help="Directory for "
                                              "checkpoint.pt and the exported prior.pt.")],
     family: Annotated[list[str], typer.Option(
-        "--family", help="'ellipses' (1 channel, [0, 1]), 'mri' (2 channels, |x| <= 1) or "
-                         "HDF5 file(s) with an 'image' dataset (repeatable).")] = ["ellipses"],  # noqa: B006
-    channels: Annotated[int | None, typer.Option(
-        "--channels", help="Image channels (default: 2 for mri, else 1).",
-        show_default=False)] = None,
+        "--family", help="Training family: mri (2 channels), ct, natural, gray, ellipses, "
+                         "mri-phantoms (see diffrecon.training.data), or HDF5 file(s) with an "
+                         "'image' dataset (repeatable). The channel count follows the "
+                         "family or the files.")] = ["ellipses"],  # noqa: B006
     name: Annotated[str | None, typer.Option("--name", help="Prior name (default: the "
                                              "directory name).", show_default=False)] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Training steps.", min=1)] = 10_000,
+    steps: Annotated[int, typer.Option("--steps", help="Training steps.", min=0)] = 10_000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.", min=1)
                           ] = 16,
     crop: Annotated[int, typer.Option("--crop", help="Training crop size in pixels "
-                                      "(multiple of 4).")] = 64,
+                                      "(multiple of 4).", min=4)] = 64,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 2e-4,
-    base: Annotated[int, typer.Option("--base", help="U-Net base channel count.")] = 32,
+    warmup: Annotated[int, typer.Option("--warmup", help="Linear warm-up steps.", min=0)
+                      ] = 200,
+    lr_schedule: Annotated[str, typer.Option("--lr-schedule", help="After warm-up: cosine "
+                                             "(decay to 0.1 lr) or constant.")] = "cosine",
+    ema_halflife_steps: Annotated[float | None, typer.Option(
+        "--ema-halflife-steps", help="EMA half-life in steps (default: EMA decay 0.999).",
+        show_default=False)] = None,
+    base: Annotated[int, typer.Option("--base", help="U-Net base channel count.", min=1)] = 32,
+    mults: Annotated[str, typer.Option("--mults", help="Channel multipliers per U-Net level, "
+                                       "comma-separated.")] = "1,2,4",
+    init_from: Annotated[str | None, typer.Option(
+        "--init-from", help="Warm start from a trained prior of the same architecture (or "
+                            "of it less its last level: grown function-preservingly).",
+        show_default=False)] = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between "
-                                                  "checkpoints.")] = 500,
+                                                  "checkpoints.", min=1)] = 500,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue an existing "
                                          "checkpoint in the output directory.")] = True,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:INDEX.")
                       ] = "auto",
+    workers: Annotated[int, typer.Option("--workers", help="Background processes drawing "
+                                         "the training batches (0: in this process).", min=0)
+                       ] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data stream and init.")] = 0,
-    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (bf16/fp16 autocast; "
-                                      "CUDA only, ignored on CPU).")] = False,
-    report: Annotated[int, typer.Option("--report", help="Held-out 'val' phantoms for the "
-                                        "final denoising report (PSNR vs sigma; phantom "
-                                        "families only; 0 = none).")] = 4,
+    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (bf16 autocast; CUDA "
+                                      "only, ignored on CPU).")] = False,
+    report: Annotated[str | None, typer.Option(
+        "--report", help="Held-out images for the final denoising report (PSNR per sigma): "
+                         "anatomy, photos, phantoms or none (default: phantoms for the "
+                         "phantom families, photos for natural / gray, else anatomy).",
+                         show_default=False)] = None,
+    log_every: Annotated[int, typer.Option("--log-every", help="Steps between log lines.",
+                                           min=1)] = 50,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress log.")] = False,
 ):
-    """Train a U-Net denoiser prior with the EDM loss (thin over
-    diffrecon.priors.training.train_prior); resumable. Ends with a denoising report on the
-    validation split."""
-    from diffrecon.priors.training import denoising_report, report_table, train_prior
+    """Train a U-Net denoiser prior with the EDM loss; resumable (bit-exact on the same
+    device and thread count). Ends with a denoising report on held-out images."""
+    from diffrecon.training.loop import train_prior
+    from diffrecon.training.report import denoising_report, report_table
 
     fam: Any = family[0] if len(family) == 1 else family
-    ch = channels if channels is not None else (2 if fam == "mri" else 1)
+    kind = report or default_report(fam)
+    if kind not in REPORTS:
+        raise typer.BadParameter(f"must be one of {', '.join(REPORTS)}, got {kind!r}",
+                                 param_hint="'--report'")
+    try:
+        levels = tuple(int(m) for m in mults.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"must be comma-separated integers, got {mults!r}",
+                                 param_hint="'--mults'") from None
 
     def log(info):
         if not quiet:
-            typer.echo(f"step {info['step']:>7d}  loss {info['loss']:.5f}  lr {info['lr']:.2e}",
-                       err=True)
+            typer.echo(f"step {info['step']:>7d}  loss {info['loss']:.5f}  lr {info['lr']:.2e}"
+                       f"  elapsed {info['elapsed'] / 60:.1f} min", err=True)
 
-    prior = train_prior(output_dir, family=fam, channels=ch, name=name, crop=crop,
-                        batch_size=batch_size, steps=steps, lr=lr, base=base,
-                        checkpoint_every=checkpoint_every, resume=resume, device=device,
-                        seed=seed, amp=amp, callback=log)
+    try:
+        prior = train_prior(output_dir, family=fam, name=name, crop=crop,
+                            batch_size=batch_size, steps=steps, lr=lr, warmup=warmup,
+                            lr_schedule=lr_schedule, ema_halflife_steps=ema_halflife_steps,
+                            base=base, mults=levels, init_from=init_from,
+                            checkpoint_every=checkpoint_every, resume=resume, device=device,
+                            workers=workers, seed=seed, amp=amp, callback=log,
+                            log_every=log_every)
+    except ValueError as exc:   # the loop's checks name the offending option
+        raise as_input_error(exc, "train-prior") from None
     typer.echo(f"wrote {output_dir / 'prior.pt'} (sha256 {prior.checksum})")
-    if report > 0 and fam in ("ellipses", "mri"):
-        size = max(crop, 64)
-        table = report_table(denoising_report(prior, fam, n=report, size=size, split="val",
-                                              baseline=False))
-        typer.echo(f"denoising PSNR on {report} held-out 'val' {fam} phantoms ({size} px):")
-        typer.echo(table)
-
+    if kind != "none":
+        rows = denoising_report(prior, kind, baseline=False)
+        typer.echo(f"denoising PSNR (dB) on {len(rows['images'])} held-out {kind} images:")
+        typer.echo(report_table(rows))

@@ -37,7 +37,6 @@ _LAZY = {
     "NetworkPrior": "network",
     "load_network_prior": "network",
     "save_network_prior": "network",
-    "train_prior": "training",
 }
 
 

@@ -46,9 +46,11 @@ def heldout_anatomy() -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
-def heldout_images(kind: str, channels: int, reference: float, seed: int = 7) -> dict:
+def heldout_images(kind: str, channels: int, reference: float, seed: int = 7,
+                   limit: int | None = None) -> dict:
     """Held-out images of ``kind`` ('anatomy', 'photos', 'phantoms') as (C, H, W) float32 in
-    the prior's convention (complex MR images get a fixed smooth random phase)."""
+    the prior's convention (complex MR images get a fixed smooth random phase); the first
+    ``limit`` of them when given."""
     from diffrecon.datasets.phantoms import phantom
 
     if kind == "anatomy":
@@ -61,7 +63,7 @@ def heldout_images(kind: str, channels: int, reference: float, seed: int = 7) ->
     else:
         raise ValueError(f"unknown held-out kind {kind!r}; valid: anatomy, photos, phantoms")
     out = {}
-    for i, (name, img) in enumerate(raw.items()):
+    for i, (name, img) in enumerate(list(raw.items())[:limit]):
         size = min(img.shape)
         img = img[:size - size % 4, :size - size % 4]
         if kind != "phantoms":
@@ -94,12 +96,12 @@ def bm3d_denoise(noisy: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def denoising_report(prior, kind: str, sigmas=SIGMAS, baseline: bool = True,
-                     seed: int = 1234) -> dict:
-    """Mean PSNR (dB) of the prior, of BM3D and of the noisy input on the held-out images
-    of ``kind``, per sigma (noise std per real channel, prior units, seeded by
-    (seed, image, sigma index))."""
+                     seed: int = 1234, limit: int | None = None) -> dict:
+    """Mean PSNR (dB) of the prior, of BM3D and of the noisy input on the (first ``limit``)
+    held-out images of ``kind``, per sigma (noise std per real channel, prior units, seeded
+    by (seed, image, sigma index))."""
     reference = getattr(prior, "intensity_reference", None) or 0.9
-    images = heldout_images(kind, prior.channels, reference)
+    images = heldout_images(kind, prior.channels, reference, limit=limit)
     dev = next(prior.parameters()).device
     rows = {"sigmas": list(sigmas), "prior": [], "bm3d": [], "noisy": [],
             "kind": kind, "images": list(images)}
