@@ -9,7 +9,11 @@ fastMRI (``fastmri/evaluate.py``, Zbontar et al. 2018) scores a VOLUME (slices, 
 
 :func:`evaluate_file` reports those volume figures under ``"volume"`` and, at the top level,
 the mean over slices of the per-slice figures (each slice still uses the volume maximum as
-its data range, so a dark slice is not flattered).
+its data range, so a dark slice is not flattered). The volume is the WHOLE reference volume
+of the scan, whatever slices the result holds (fastMRI scores whole volumes): a result of
+some slices gets the data range fastMRI would use for them. When the result holds
+calibrated intervals (``run --calibration``) it also reports their coverage
+(:func:`coverage_report`).
 """
 
 from __future__ import annotations
@@ -70,13 +74,16 @@ def _ssim2d(gt: np.ndarray, pred: np.ndarray, maxval: float) -> float:
     return float(structural_similarity(gt, pred, **kw))
 
 
-def evaluate_arrays(reference, prediction) -> dict[str, Any]:
+def evaluate_arrays(reference, prediction, data_range: float | None = None
+                    ) -> dict[str, Any]:
     """Metrics of a (slices, H, W) or (slices, C, H, W) prediction against a reference of
-    the same shape: per-slice values and their mean (top level), fastMRI volume values."""
+    the same shape: per-slice values and their mean (top level), fastMRI volume values.
+    ``data_range``: PSNR / SSIM data range (default: ``reference.max()``; give the whole
+    volume's maximum when ``reference`` holds some of its slices)."""
     gt, pred = _pair(reference, prediction)
     if gt.ndim == 2:
         gt, pred = gt[None], pred[None]
-    maxval = float(gt.max())
+    maxval = float(gt.max()) if data_range is None else float(data_range)
     if not maxval > 0:
         raise ValueError("reference maximum must be positive for PSNR/SSIM")
     per_slice = []
@@ -132,33 +139,47 @@ def load_reference(reference_path: str | os.PathLike, kind: str = "auto",
             kinds = "f"
         arr = read_array(f, name, kinds=kinds, ndim=(3, 4) if modality == "image" else 3)
     arr = np.abs(arr) if kinds == "c" else arr
-    if slices is not None:
-        idx = np.asarray(slices, dtype=int)
-        if idx.size and (idx.max() >= arr.shape[0]):
-            raise InputError(f"{path}: result refers to slice {int(idx.max())} but the "
-                             f"reference has {arr.shape[0]} slices")
-        arr = arr[idx]
-    return arr.astype(np.float64), name
+    return select_slices(arr, slices, path).astype(np.float64), name
 
 
-def evaluate_file(result, reference, reference_kind: str = "auto") -> dict[str, Any]:
-    """Score a result file against the ground truth in its scan file.
+def select_slices(volume: np.ndarray, slices, path) -> np.ndarray:
+    """``volume[slices]`` (None: all); ``InputError`` naming ``path`` when out of range."""
+    if slices is None:
+        return volume
+    idx = np.asarray(slices, dtype=int)
+    if idx.size and (idx.max() >= volume.shape[0]):
+        raise InputError(f"{path}: result refers to slice {int(idx.max())} but the "
+                         f"reference has {volume.shape[0]} slices")
+    return volume[idx]
 
-    ``result`` is a path (or a ``diffrecon.datasets.io.Result``); ``reference`` the scan's
-    path. Slices recorded in the result's ``slices`` attribute select the reference slices;
-    a larger reconstruction is centre-cropped to the reference (fastMRI). Returns
-    ``{"psnr", "ssim", "nmse", "per_slice", "volume", "reference", ...}``.
+
+def result_slices(attrs) -> list[int] | None:
+    """The scan slice numbers a result holds (its ``slices`` attribute), None if absent."""
+    slices = attrs.get("slices")
+    if isinstance(slices, np.ndarray | list | tuple):
+        return [int(s) for s in np.ravel(slices)]
+    return None
+
+
+def paired_result(result, reference, reference_kind: str = "auto") -> dict[str, Any]:
+    """A result and its reference on one grid, as ``evaluate`` and ``calibrate`` score them.
+
+    ``result`` is a path or a ``diffrecon.datasets.io.Result``; ``reference`` the scan's
+    path. Returns ``{"result", "reference", "mean", "std", "intervals", "slices",
+    "data_range", "name"}``: float64 arrays (slices, ...) of the reference slices the result
+    holds (its ``slices`` attribute), the reconstruction, std and intervals ({level: (lower,
+    upper)}) centre-cropped to the reference when larger (fastMRI), the scan slice numbers
+    (None: all), the maximum of the WHOLE reference volume and the reference dataset's name.
     """
     from diffrecon.datasets.fastmri import center_crop
     from diffrecon.datasets.io import Result, read_result
 
     res = result if isinstance(result, Result) else read_result(result)
-    slices = res.attrs.get("slices")
-    if isinstance(slices, np.ndarray | list | tuple):
-        slices = [int(s) for s in np.ravel(slices)]
-    else:
-        slices = None
-    gt, name = load_reference(reference, reference_kind, slices)
+    slices = result_slices(res.attrs)
+    volume, name = load_reference(reference, reference_kind)
+    if volume.size == 0 or not volume.max() > 0:
+        raise InputError(f"{reference}: reference '{name}' has no positive values")
+    gt = select_slices(volume, slices, reference)
     pred = np.asarray(res.reconstruction, dtype=np.float64)
     if pred.shape[0] != gt.shape[0]:
         raise InputError(f"{res.path}: result has {pred.shape[0]} slices but reference "
@@ -167,19 +188,43 @@ def evaluate_file(result, reference, reference_kind: str = "auto") -> dict[str, 
         raise InputError(f"{res.path}: reconstruction shape {pred.shape} does not match "
                          f"reference '{name}' shape {gt.shape}")
     shape = pred.shape
-    if pred.shape[-2:] != gt.shape[-2:]:  # a larger reconstruction: fastMRI's centre crop
-        pred = center_crop(pred, gt.shape[-2:])
+
+    def crop(a):
+        a = np.asarray(a, dtype=np.float64)
+        return center_crop(a, gt.shape[-2:]) if a.shape[-2:] != gt.shape[-2:] else a
+
+    pred = crop(pred)
     if pred.shape != gt.shape:
         raise InputError(f"{res.path}: reconstruction shape {shape} does not match "
                          f"reference '{name}' shape {gt.shape}")
-    if not gt.max() > 0:
-        raise InputError(f"{reference}: reference '{name}' has no positive values")
-    out = evaluate_arrays(gt, pred)
-    out["reference"] = name
+    return {"result": res, "reference": gt, "mean": pred, "std": crop(res.std),
+            "intervals": {lv: (crop(lo), crop(hi)) for lv, (lo, hi) in res.intervals.items()},
+            "slices": slices, "data_range": float(volume.max()), "name": name}
+
+
+def evaluate_file(result, reference, reference_kind: str = "auto") -> dict[str, Any]:
+    """Score a result file against the ground truth in its scan file.
+
+    ``result`` is a path (or a ``diffrecon.datasets.io.Result``); ``reference`` the scan's
+    path. Slices recorded in the result's ``slices`` attribute select the reference slices;
+    the data range is the maximum of the whole reference volume (fastMRI); a larger
+    reconstruction is centre-cropped to the reference (fastMRI). Returns ``{"psnr", "ssim",
+    "nmse", "per_slice", "volume", "data_range", "reference", ...}`` and, when the result
+    holds calibrated intervals, ``"coverage"``: {level: :func:`coverage_report` (all
+    pixels) with ``nominal`` added}.
+    """
+    p = paired_result(result, reference, reference_kind)
+    res, gt, pred, slices = p["result"], p["reference"], p["mean"], p["slices"]
+    out = evaluate_arrays(gt, pred, p["data_range"])
+    out["reference"] = p["name"]
     out["result"] = str(res.path) if res.path else None
     if slices is not None:
         for s, idx in zip(out["per_slice"], slices, strict=True):
             s["slice"] = idx
+    if p["intervals"]:
+        out["coverage"] = {
+            repr(lv): {"nominal": lv, **coverage_report(gt, lo, hi, pred, p["std"])}
+            for lv, (lo, hi) in sorted(p["intervals"].items())}
     return out
 
 

@@ -1,13 +1,14 @@
 """The ``diffrecon`` command: the typer app (``cli.app``, with its error mapping) and its
 verbs, one module per family: ``run``, ``simulate``, ``tools`` (info, calib, evaluate,
-view, bench), ``train`` (train-prior) and ``demo``."""
+view, bench), ``calibrate``, ``train`` (train-prior) and ``demo``."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from diffrecon.cli import demo, run, simulate, tools, train  # noqa: F401 - register the verbs
+# importing the verb modules registers the verbs
+from diffrecon.cli import calibrate, demo, run, simulate, tools, train  # noqa: F401
 from diffrecon.cli.app import PROG, app
 
 

@@ -101,6 +101,12 @@ def run(
         show_default=False)] = None,
     save_samples: Annotated[bool, typer.Option("--save-samples", help="Store the posterior "
                                                "samples in the result.")] = D.save_samples,
+    calibration: Annotated[Path | None, typer.Option(
+        "--calibration", help="Calibration file from `diffrecon calibrate` for this task "
+                              "(solver, options, prior, samples, acceleration / views; a "
+                              "mismatch is refused before any work): the result also holds "
+                              "calibrated intervals lower_<level> / upper_<level>.",
+        show_default=False)] = D.calibration,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo inputs whose result "
                                             "exists (default: skip them).")] = D.overwrite,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,

@@ -164,10 +164,14 @@ def evaluate(
                                             "ground truth.")],
     reference_kind: RefKind = ReferenceKind.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON: psnr, ssim, nmse "
-                                          "(means over slices), per_slice, volume.")] = False,
+                                          "(means over slices), per_slice, volume, "
+                                          "data_range, coverage.")] = False,
 ):
-    """PSNR (dB), SSIM and NMSE as fastMRI computes them (data range = max of the reference
-    VOLUME), per slice and their mean; `volume` holds fastMRI's volume-level figures."""
+    """PSNR (dB), SSIM and NMSE as fastMRI computes them (data range = max of the WHOLE
+    reference volume, whatever slices the result holds), per slice (scan slice numbers) and
+    their mean; `volume` holds fastMRI's volume-level figures. A result with calibrated
+    intervals (`run --calibration`) also gets their coverage: the fraction of reference
+    pixels inside (mean over slices), the mean width (scan units) and std / RMSE."""
     from diffrecon.metrics import evaluate_file
 
     m = evaluate_file(result, reference, reference_kind.value)
@@ -179,6 +183,11 @@ def evaluate(
     for s in m["per_slice"]:
         typer.echo(f"  slice {s['slice']}: PSNR {s['psnr']:.2f} dB  SSIM {s['ssim']:.4f}  "
                    f"NMSE {s['nmse']:.4g}")
+    for c in m.get("coverage", {}).values():
+        ratio = "n/a" if c.get("std_rmse") is None else f"{c['std_rmse']:.3f}"
+        typer.echo(f"  {c['nominal']:g} interval: coverage {c['coverage']:.4f}  width "
+                   f"{c['width']:.4g} ({c['relative_width']:.3g} of the range)  "
+                   f"std/RMSE {ratio}")
 
 
 @app.command()

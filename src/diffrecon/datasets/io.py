@@ -7,6 +7,9 @@ Result files (written by the pipeline, readable with plain h5py)::
     std                     float32, same shape      pointwise posterior standard deviation
     samples                 float32 (slices, n_samples, ...)   optional posterior draws
     reconstruction_complex  complex64 (slices, H, W)  optional complex mean (MRI)
+    lower_<level>, upper_<level>  float32, shape of reconstruction: optional calibrated
+                            interval at nominal coverage <level> (e.g. lower_0.9), written
+                            by ``run --calibration`` (``diffrecon.calibration``)
     attrs                   provenance: str / int / float / bool / numeric arrays; nested
                             dicts, None and mixed lists are stored as JSON strings
 
@@ -263,12 +266,21 @@ class Result:
     complex: np.ndarray | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    intervals: dict[float, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+def interval_names(level: float) -> tuple[str, str]:
+    """Dataset names of the interval at nominal coverage ``level``: ('lower_0.9',
+    'upper_0.9')."""
+    return f"lower_{float(level)!r}", f"upper_{float(level)!r}"
 
 
 def write_result(path: str | os.PathLike, reconstruction, std, samples=None, complex=None,
-                 attrs: Mapping[str, Any] | None = None) -> Path:
+                 attrs: Mapping[str, Any] | None = None,
+                 intervals: Mapping[float, tuple[Any, Any]] | None = None) -> Path:
     """Write a result file atomically. Shapes: ``reconstruction``/``std`` (slices, H, W) or
-    (slices, C, H, W); ``samples`` (slices, n_samples, ...); ``complex`` (slices, H, W)."""
+    (slices, C, H, W); ``samples`` (slices, n_samples, ...); ``complex`` (slices, H, W);
+    ``intervals`` {level: (lower, upper)} each of the reconstruction's shape."""
     rec = np.asarray(reconstruction, dtype=np.float32)
     std = np.asarray(std, dtype=np.float32)
     if rec.ndim not in (3, 4):
@@ -291,6 +303,13 @@ def write_result(path: str | os.PathLike, reconstruction, std, samples=None, com
                 raise InputError(f"reconstruction_complex for {path} has {c.shape[0]} slices, "
                                  f"expected {rec.shape[0]}")
             f.create_dataset("reconstruction_complex", data=c)
+        for level, bounds in sorted((intervals or {}).items()):
+            for name, b in zip(interval_names(level), bounds, strict=True):
+                b = np.asarray(b, dtype=np.float32)
+                if b.shape != rec.shape:
+                    raise InputError(f"{name} for {path} has shape {b.shape}, expected "
+                                     f"{rec.shape}")
+                f.create_dataset(name, data=b)
         write_attrs(f, dict(attrs or {}))
     return Path(path)
 
@@ -305,9 +324,23 @@ def read_result(path: str | os.PathLike) -> Result:
                              finite=False)
         cplx = read_array(f, "reconstruction_complex", kinds="c", ndim=3, required=False,
                           finite=False)
+        intervals = {}
+        for name in sorted(f.keys()):
+            if not name.startswith("lower_"):
+                continue
+            try:
+                level = float(name[len("lower_"):])
+            except ValueError:
+                continue
+            lo_name, hi_name = interval_names(level)
+            pair = [read_array(f, n, kinds="f", ndim=rec.ndim, finite=False)
+                    for n in (lo_name, hi_name)]
+            for n, b in zip((lo_name, hi_name), pair, strict=True):
+                check_shape(path, n, b.shape, rec.shape, "same as 'reconstruction'")
+            intervals[level] = (pair[0], pair[1])
         attrs = attrs_to_dict(f.attrs)
     for k, v in attrs.items():
         if isinstance(v, str) and v[:1] in "{[":
             with contextlib.suppress(ValueError):
                 attrs[k] = json.loads(v)
-    return Result(rec, std, samples, cplx, attrs, Path(path))
+    return Result(rec, std, samples, cplx, attrs, Path(path), intervals)

@@ -47,6 +47,8 @@ class RunOptions:
     sampled MRI file (required for those, refused for undersampled ones).
     coil_maps: optional side file with ``coil_maps`` (default: the scan's, else ESPIRiT).
     save_samples: also store the posterior draws (slices, samples, ...).
+    calibration: a calibration file (``diffrecon calibrate``): the result also holds the
+    calibrated intervals ``lower_<level>`` / ``upper_<level>`` (``pipeline.calibrate``).
     overwrite: redo an input whose complete result exists (default: skip it).
     """
 
@@ -68,6 +70,7 @@ class RunOptions:
     coil_maps: str | Path | None = None
     solver_options: dict[str, Any] = field(default_factory=dict)
     save_samples: bool = False
+    calibration: str | Path | None = None
     overwrite: bool = field(default=False, metadata={RESULT: False})
 
     def __post_init__(self):

@@ -59,6 +59,7 @@ class Plan:
     settings: dict[str, Any]
     digest: str
     options: RunOptions
+    calibration: Any = None          # a diffrecon.calibration.Calibration, or None
 
 
 def plan_run(input_path, output_path, options: RunOptions) -> Plan:
@@ -86,8 +87,18 @@ def plan_run(input_path, output_path, options: RunOptions) -> Plan:
     if prior is not None:   # how the checkpoint was read, when given (older digests unchanged)
         settings.update({f"prior_{k}": v for k, v in options.prior_load().items()
                          if v not in (None, False) and k != "trust_pickle"})
+    calib = None
+    if options.calibration is not None:  # its task must be this run's (checked before work)
+        from . import calibrate as cal
+
+        calib = cal.load_for_run(options.calibration)
+        cal.check_run(calib, cal.run_task(modality, settings, cal.scan_acquisition(
+            input_path, modality, settings)), options.calibration)
+        settings["calibration"] = sha256_file(options.calibration)
+    else:
+        settings.pop("calibration", None)  # older digests unchanged
     return Plan(input_path, output_path, modality, solver, prior, settings,
-                fingerprint(settings), options)
+                fingerprint(settings), options, calib)
 
 
 def reconstruct_file(input_path, output_path, options: RunOptions | None = None, *,
@@ -120,6 +131,11 @@ def reconstruct_file(input_path, output_path, options: RunOptions | None = None,
     device = resolve_device(opts.device)
     prior = load_prior(plan.prior, device, **opts.prior_load()) if plan.prior is not None \
         else None
+    if plan.calibration is not None:  # the prior's weights too, before any scan is read
+        from .calibrate import check_run
+
+        check_run(plan.calibration, {"prior_sha256": prior.checksum if prior is not None
+                                     else "none"}, opts.calibration, only=["prior_sha256"])
     problem = load_problem(plan.input_path, prior, opts.slices, device=device,
                            progress=progress, **opts.acquisition())
     todo = range(len(problem.slices))
@@ -180,6 +196,8 @@ def slice_result(rec, norm, save_samples: bool) -> dict[str, Any]:
            "wall_time_s": float(rec.info.get("wall_time_s", 0.0)), "scale": float(norm.scale)}
     if "residual" in rec.info:
         out["residual"] = float(rec.info["residual"][0])
+    if "noise_chi" in rec.info:
+        out["noise_chi"] = float(rec.info["noise_chi"][0])
     if "lineages" in rec.info:
         out.update(lineages=int(rec.info["lineages"][0]),
                    particles=int(rec.info["num_particles"]))
@@ -220,18 +238,45 @@ def write(plan: Plan, problem: Problem, solver, results: dict[int, dict[str, Any
         attrs["data_residual_per_slice"] = np.asarray([r["residual"] for r in per],
                                                       dtype=np.float64)
     warnings = []
+    if order and all("noise_chi" in r for r in per):
+        chi = [r["noise_chi"] for r in per]
+        attrs["noise_chi_per_slice"] = np.asarray(chi, dtype=np.float64)
+        warnings += misfit_warning(plan.input_path.name, order, chi)
     if order and all("lineages" in r for r in per):
         lineages = [r["lineages"] for r in per]
         attrs["smc_lineages_per_slice"] = np.asarray(lineages, dtype=np.int64)
         warnings += degeneracy_warning(plan.input_path.name, order, lineages,
                                        per[0]["particles"])
+    intervals = None
+    if plan.calibration is not None:
+        from . import calibrate as cal
+
+        intervals = cal.intervals(plan.calibration, np.stack(rec), np.stack(sd))
+        attrs.update(cal.provenance(plan.calibration, plan.options.calibration))
     write_result(plan.output_path, np.stack(rec), np.stack(sd),
                  samples=np.stack(smp) if smp else None,
-                 complex=np.stack(cplx) if problem.modality == "mri" else None, attrs=attrs)
+                 complex=np.stack(cplx) if problem.modality == "mri" else None, attrs=attrs,
+                 intervals=intervals)
     return {"input": str(plan.input_path), "output": str(plan.output_path), "status": "done",
             "modality": problem.modality, "solver": st["solver"], "prior": st["prior"],
             "slices": len(order), "nfe": attrs["nfe"], "device": device,
             "wall_time_s": round(attrs["wall_time_s"], 3), "warnings": warnings}
+
+
+# A posterior mean whose data misfit exceeds this many noise levels (``noise_chi``) is
+# reported: the prior does not explain the scan (or its noise level is underestimated).
+MISFIT_WARN_CHI = 2.0
+
+
+def misfit_warning(name: str, order: list[int], chi: list[float]) -> list[str]:
+    """The summary warning for slices whose ``noise_chi`` exceeds ``MISFIT_WARN_CHI``."""
+    bad = [k for k, c in zip(order, chi, strict=True) if c > MISFIT_WARN_CHI]
+    if not bad:
+        return []
+    worst = max(c for c in chi if c == c)
+    return [f"{name}: slices {_ranges(bad)}: the reconstruction misses the data by up to "
+            f"{worst:.1f} x the noise level (noise_chi); the prior may not fit this scan "
+            f"(or noise_sigma is underestimated): compare with a classical --solver"]
 
 
 def degenerate_below(num_particles: int) -> int:

@@ -1,0 +1,243 @@
+"""Calibration files for the run pipeline: the task key of a run, calibration from result
+files and their scans, and the calibrated intervals a result carries.
+
+The task a calibration applies to (``diffrecon.calibration``: its guarantee holds only for
+scans exchangeable with the calibration scans, reconstructed the same way) is the dict
+
+    modality, solver, option.<name> (every solver option but batch_size, steps included),
+    prior, prior_label, prior_sha256, samples, and the acquisition:
+    MRI acceleration (of the file's mask or the retrospective one, 4 decimals), mask_type
+    and center_fraction (retrospective masks; None for a file's own mask); CT views;
+    image operator.
+
+:func:`run_task` builds it from a run's settings (the ``settings`` attribute a result
+records) and a cheap read of the scan's acquisition (:func:`scan_acquisition`: the mask,
+the angles' length or the operator attribute, no k-space), so ``run --calibration``
+refuses a mismatched task before any computation (the prior checksum once the prior is
+loaded, before any scan is read). :func:`result_task` builds the same dict from a result
+file's provenance, which is what ``diffrecon calibrate`` records.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffrecon import calibration as C
+from diffrecon.errors import InputError
+
+FLAG = "--calibration"
+
+
+# ------------------------------------------------------------------------------ task key
+def _acceleration(value) -> float | None:
+    return None if value is None else round(float(value), 4)
+
+
+def run_task(modality: str, settings: Mapping[str, Any], acquisition: Mapping[str, Any],
+             prior_sha256: str | None = None) -> dict[str, Any]:
+    """The task key (module docstring) of a run with ``settings`` (``Plan.settings`` or a
+    result's ``settings`` attribute) on a scan with ``acquisition`` (:func:`scan_acquisition`
+    or :func:`result_acquisition`). ``prior_sha256`` None leaves that key out."""
+    opts = settings.get("solver_options") or {}
+    task: dict[str, Any] = {"modality": modality, "solver": settings.get("solver"),
+                            "prior": settings.get("prior") or "none",
+                            "prior_label": settings.get("prior_label"),
+                            "samples": int(settings.get("samples", 1))}
+    task.update({f"option.{k}": v for k, v in sorted(opts.items()) if k != "batch_size"})
+    task.update(acquisition)
+    if prior_sha256 is not None:
+        task["prior_sha256"] = prior_sha256
+    return task
+
+
+def scan_acquisition(path, modality: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The acquisition part of the task key from a scan file, reading no bulk data: the
+    MRI mask (or the retrospective mask's settings), the CT angles' length, the image
+    operator attribute."""
+    from diffrecon.datasets.io import open_h5_checked
+
+    with open_h5_checked(path) as f:
+        if modality == "mri":
+            if settings.get("acceleration") is not None:
+                return {"acceleration": _acceleration(settings["acceleration"]),
+                        "mask_type": settings.get("mask_type") or "random",
+                        "center_fraction": float(settings["center_fraction"])}
+            mask = np.asarray(f["mask"][()]) if "mask" in f else None
+            acc = None if mask is None else mask.size / max(int(mask.sum()), 1)
+            return {"acceleration": _acceleration(acc), "mask_type": None,
+                    "center_fraction": None}
+        if modality == "ct":
+            return {"views": int(f["angles"].shape[0]) if "angles" in f else None}
+        op = f.attrs.get("operator")
+        return {"operator": op.decode() if isinstance(op, bytes) else op}
+
+
+def result_acquisition(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The acquisition part of the task key from a result's provenance attributes."""
+    modality = attrs.get("modality")
+    if modality == "mri":
+        return {"acceleration": _acceleration(attrs.get("acceleration")),
+                "mask_type": attrs.get("mask_type"),
+                "center_fraction": attrs.get("center_fraction")
+                if attrs.get("mask_type") is not None else None}
+    if modality == "ct":
+        return {"views": attrs.get("views")}
+    return {"operator": attrs.get("operator")}
+
+
+def result_task(attrs: Mapping[str, Any], where: str = "result") -> dict[str, Any]:
+    """The task key of a result file from its attributes (``InputError`` when it lacks the
+    provenance ``diffrecon run`` writes)."""
+    settings = attrs.get("settings")
+    if not isinstance(settings, dict) or "modality" not in attrs:
+        raise InputError(f"{where}: no run provenance (attributes 'settings', 'modality'); "
+                         f"expected a result written by `diffrecon run`")
+    return run_task(attrs["modality"], settings, result_acquisition(attrs),
+                    str(attrs.get("prior_sha256", "none")))
+
+
+def load_for_run(path) -> C.Calibration:
+    """Read a calibration file for ``run --calibration``: one-line errors name the flag."""
+    try:
+        return C.Calibration.load(path)
+    except InputError as exc:
+        raise InputError(f"{FLAG} {exc}") from None
+
+
+def check_run(calib: C.Calibration, task: Mapping[str, Any], path, *,
+              only: Sequence[str] | None = None) -> None:
+    """``InputError`` naming ``--calibration`` and the first key whose value differs between
+    the calibration's task and ``task``: every key but ``prior_sha256`` unless ``task`` has
+    it, or only the keys ``only`` (the prior checksum, once the prior is loaded)."""
+    import dataclasses
+
+    if only is not None:
+        mine, task = ({k: d.get(k) for k in only} for d in (calib.task, task))
+    else:
+        mine = {k: v for k, v in calib.task.items() if k != "prior_sha256" or k in task}
+    dataclasses.replace(calib, task=mine).check_task(task, f"{FLAG} {path}")
+
+
+def intervals(calib: C.Calibration | None, mean: np.ndarray, std: np.ndarray
+              ) -> dict[float, tuple[np.ndarray, np.ndarray]] | None:
+    """The calibrated intervals of a result (float32, as stored), None without a
+    calibration. Computed from the float32 mean and std the file stores, so they can be
+    recomputed from the file bit for bit."""
+    if calib is None:
+        return None
+    return calib.intervals(np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32))
+
+
+def provenance(calib: C.Calibration, path) -> dict[str, Any]:
+    """What a result records of the calibration it used."""
+    from diffrecon.datasets.io import sha256_file
+
+    return {"calibration_file": Path(path).name, "calibration_sha256": sha256_file(path),
+            "calibration_method": calib.method, "calibration_unit": calib.unit,
+            "calibration_levels": np.asarray(calib.levels, dtype=np.float64),
+            "calibration_scales": np.asarray([calib.scales[lv] for lv in calib.levels]),
+            "calibration_floor": calib.floor}
+
+
+# ------------------------------------------------------------------------------ calibrate
+def pair_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], dict[str, Path]]:
+    """Split files and directories (their .h5/.hdf5 files) into result files and scan files
+    (by name); ``InputError`` for anything else."""
+    from diffrecon.datasets.io import detect_modality
+
+    results, scans = [], {}
+    for item in paths:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(q for q in p.iterdir() if q.suffix in (".h5", ".hdf5"))
+            if not files:
+                raise InputError(f"{p}: directory holds no .h5/.hdf5 files")
+        elif p.exists():
+            files = [p]
+        else:
+            raise InputError(f"{p}: no such file or directory")
+        for q in files:
+            if detect_modality(q) == "result":
+                if q.resolve() not in {r.resolve() for r in results}:
+                    results.append(q)
+            else:
+                if q.name in scans and scans[q.name].resolve() != q.resolve():
+                    raise InputError(f"{q}: two scans named {q.name} ({scans[q.name]}); "
+                                     f"results name their scan by file name")
+                scans[q.name] = q
+    if not results:
+        raise InputError("no result files among the inputs; give results of `diffrecon run` "
+                         "and their scans (files or directories)")
+    return results, scans
+
+
+def calibrate_results(paths: Sequence[str | os.PathLike], levels: Sequence[float] = C.LEVELS,
+                      *, unit: str = "slice", foreground: float | None = None,
+                      floor: float = 1e-3, reference_kind: str = "auto") -> C.Calibration:
+    """Calibrate on result files of ``diffrecon run`` and the scans holding their
+    references (``paths``: files or directories with both; a result is paired with the scan
+    named by its ``input`` attribute, checked by checksum).
+
+    The results must share one task (:func:`result_task`), which the calibration records.
+    Reads ``reconstruction`` and ``std`` (the std the run writes; draws are not used) and
+    the reference as ``diffrecon evaluate`` does (MRI ``reconstruction_rss`` or
+    ``|ground_truth_complex|``, CT ``ground_truth``, images ``image``; a larger
+    reconstruction is centre-cropped to it). ``InputError`` (one line) on bad inputs, raised
+    before the calibration is computed.
+    """
+    from diffrecon.datasets.io import read_result, sha256_file
+    from diffrecon.metrics import paired_result
+
+    levels = tuple(sorted({float(lv) for lv in levels}))
+    for lv in levels:
+        if not 0 < lv < 1:
+            raise InputError(f"--levels {lv:g} is not in (0, 1)")
+    if unit not in C.UNITS:
+        raise InputError(f"--unit {unit!r} is not valid; expected {' or '.join(C.UNITS)}")
+    if foreground is not None and not 0 <= foreground < 1:
+        raise InputError(f"--foreground {foreground!r} is not valid; expected a fraction in "
+                         f"[0, 1)")
+    results, scans = pair_inputs(paths)
+    task, first, refs, means, stds, n_slices = None, None, [], [], [], 0
+    for r in results:
+        res = read_result(r)
+        t = result_task(res.attrs, str(r))
+        if task is None:
+            task, first = t, r
+        else:
+            key = next((k for k in sorted(set(t) | set(task)) if t.get(k) != task.get(k)), None)
+            if key is not None:
+                raise InputError(f"{r}: {key}={t.get(key)!r} but {first} has "
+                                 f"{key}={task.get(key)!r}; calibrate one task at a time")
+        name = str(res.attrs.get("input", ""))
+        scan = scans.get(name)
+        if scan is None:
+            raise InputError(f"{r}: its scan {name!r} is not among the inputs; give the scan "
+                             f"files (or their directory) too")
+        if sha256_file(scan) != res.attrs.get("input_sha256"):
+            raise InputError(f"{r}: scan {scan} is not the file it was reconstructed from "
+                             f"(checksum differs)")
+        p = paired_result(res, scan, reference_kind)
+        refs.append(p["reference"])
+        means.append(p["mean"])
+        stds.append(p["std"])
+        n_slices += len(p["reference"])
+    n_units = n_slices if unit == "slice" else len(results)
+    for lv in levels:
+        if n_units < C.min_units(lv):
+            raise InputError(f"--levels {lv:g} needs at least {C.min_units(lv)} calibration "
+                             f"{unit}s, got {n_units}")
+    try:
+        return C.calibrate(refs, means, stds, levels, unit=unit, foreground=foreground,
+                           floor=floor, task=task)
+    except ValueError as exc:
+        raise InputError(f"calibrate: {exc}") from None
+
+
+__all__ = ["calibrate_results", "check_run", "intervals", "load_for_run", "provenance",
+           "result_task", "run_task", "scan_acquisition"]
