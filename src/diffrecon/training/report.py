@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffrecon import metrics
 from diffrecon.training import data, photos, synthetic
 
 SIGMAS = (0.02, 0.05, 0.1, 0.2, 0.5)
@@ -81,10 +82,10 @@ def heldout_images(kind: str, channels: int, reference: float, seed: int = 7,
 
 def psnr(est: np.ndarray, ref: np.ndarray) -> float:
     """fastMRI PSNR of (C, H, W) images: peak = max |ref|, MSE of the per-pixel (complex)
-    error."""
-    err = ((est - ref) ** 2).sum(0).mean()
+    error, i.e. :func:`diffrecon.metrics.psnr` over all C H W entries (whose mean squared
+    error is the per-pixel one over C) with data range max |ref| / sqrt(C)."""
     peak = np.sqrt((ref**2).sum(0)).max()
-    return float(10 * np.log10(peak**2 / max(err, 1e-30)))
+    return metrics.psnr(ref, est, maxval=peak / np.sqrt(ref.shape[0]))
 
 
 def bm3d_denoise(noisy: np.ndarray, sigma: float) -> np.ndarray:
