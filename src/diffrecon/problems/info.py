@@ -72,7 +72,8 @@ def describe_file(path) -> dict[str, Any]:
                 "prior_sha256", "seed", "num_samples", "device", "nfe", "wall_time_s",
                 "diffrecon_version", "torch_version", "acceleration", "mask_source",
                 "coil_maps_source", "slices", "data_residual_per_slice",
-                "smc_lineages_per_slice")
+                "smc_lineages_per_slice", "noise_chi_per_slice", "scale_per_slice",
+                "normalisation")
         out.update({"slices": int(res.reconstruction.shape[0]),
                     "reconstruction_shape": list(res.reconstruction.shape),
                     "samples": None if res.samples is None else int(res.samples.shape[1]),

@@ -30,6 +30,7 @@ from .common import (
     RowNoise,
     make_generators,
     measurement_entropy,
+    noise_normalised_residual,
     noise_sigma,
     physics_in_dtype,
     relative_residual,
@@ -175,6 +176,8 @@ class Solver:
         rec.info = {**self._info(ctx, self._chains(num_samples, y.shape[0]), t0), **rec.info}
         with torch.no_grad():
             rec.info["residual"] = relative_residual(physics, rec.mean, y).tolist()
+            rec.info["noise_chi"] = noise_normalised_residual(physics, rec.mean, y,
+                                                              ctx.sigma_y).tolist()
         if out_dtype != y.dtype:
             for name in ("samples", "mean", "std", "particles"):
                 value = getattr(rec, name)

@@ -250,6 +250,18 @@ def relative_residual(physics, x: Tensor, y: Tensor) -> Tensor:
     return r.norm(dim=1) / norm
 
 
+def noise_normalised_residual(physics, x: Tensor, y: Tensor, sigma: float) -> Tensor:
+    """Prior-fit statistic chi = ||A(x_b) - y_b|| / (sigma sqrt(m_b)) of each row, (B,), m_b
+    the number of nonzero entries of y_b (the sampled ones for masked k-space). A posterior
+    mean that fits the data as well as the truth does has chi <= ~1; chi >> 1 means no image
+    the prior favours explains the measurements (or sigma is underestimated). NaN when
+    sigma is 0."""
+    r = (physics.A(x.to(y.dtype)) - y).reshape(y.shape[0], -1)
+    m = (y.reshape(y.shape[0], -1) != 0).sum(dim=1).clamp_min(1).to(r.real.dtype)
+    scale = sigma * m.sqrt() if sigma > 0 else torch.full_like(m, float("nan"))
+    return r.norm(dim=1) / scale
+
+
 def noise_sigma(physics) -> float:
     """Gaussian noise standard deviation of a deepinv physics (0.0 when noiseless); a
     per-measurement (non-scalar) sigma raises ValueError. Read once per solve, at the edge,
