@@ -130,6 +130,37 @@ def grow_unet(small: UNet, mult: int) -> UNet:
     return big
 
 
+def _restore(path: Path, net: UNet, ema: UNet, opt: torch.optim.Optimizer,
+             dev: torch.device) -> tuple[int, float, list, dict]:
+    """Load a training checkpoint into ``net``, ``ema``, ``opt`` and the torch RNG; returns
+    (step, elapsed seconds, loss history, data statistics)."""
+    ck = torch.load(path, map_location=dev, weights_only=True)
+    if ck["config"] != net.config:
+        raise ValueError(f"checkpoint {str(path)!r} was made with network config "
+                         f"{ck['config']}, not {net.config}")
+    net.load_state_dict(ck["model"])
+    ema.load_state_dict(ck["ema"])
+    opt.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["torch_rng"].cpu())
+    return ck["step"], ck["elapsed"], list(ck["history"]), ck["stats"]
+
+
+def _warm_start(net: UNet, init_from: str) -> None:
+    """Load the weights of the prior ``init_from`` into ``net``: same config, or that config
+    less its last level (grown by :func:`grow_unet`)."""
+    from diffrecon.priors import load as load_prior
+
+    old = getattr(load_prior(init_from), "net", None)
+    if old is not None and old.config != net.config and {
+            **old.config, "mults": old.config["mults"] + net.config["mults"][-1:]
+    } == net.config:
+        old = grow_unet(old, net.config["mults"][-1])
+    if old is None or old.config != net.config:
+        raise ValueError(f"init_from {init_from!r} is not a network prior with config "
+                         f"{net.config} (or that config less its last level)")
+    net.load_state_dict(old.state_dict())
+
+
 def batch_function(family: str | Sequence[str], crop: int, batch_size: int,
                    seed: int) -> tuple[Callable[[int], np.ndarray], int]:
     """(step -> batch, channels) for a named family or HDF5 file(s) with an ``image``
@@ -187,34 +218,13 @@ def train_prior(out_dir: str | os.PathLike, *, family: str | Sequence[str] = "na
     ema = UNet(channels, base=base, mults=tuple(mults), blocks=blocks).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     ckpt_path = out / "checkpoint.pt"
-    start, elapsed, history = 0, 0.0, []
     if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=True)
-        if ck["config"] != net.config:
-            raise ValueError(f"checkpoint {str(ckpt_path)!r} was made with network config "
-                             f"{ck['config']}, not {net.config}")
-        net.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
-        start, elapsed, history = ck["step"], ck["elapsed"], list(ck["history"])
-        stats = ck["stats"]
-        torch.set_rng_state(ck["torch_rng"].cpu())
+        start, elapsed, history, stats = _restore(ckpt_path, net, ema, opt, dev)
     else:
         if init_from is not None:
-            from diffrecon.priors import load as load_prior
-
-            init = load_prior(init_from)
-            old = getattr(init, "net", None)
-            if old is not None and old.config != net.config and {
-                    **old.config, "mults": old.config["mults"] + net.config["mults"][-1:]
-            } == net.config:
-                old = grow_unet(old, net.config["mults"][-1])
-            if old is None or old.config != net.config:
-                raise ValueError(f"init_from {init_from!r} is not a network prior with config "
-                                 f"{net.config} (or that config less its last level)")
-            net.load_state_dict(old.state_dict())
+            _warm_start(net, init_from)
         ema.load_state_dict(net.state_dict())
-        stats = data_statistics(batches, channels)
+        start, elapsed, history, stats = 0, 0.0, [], data_statistics(batches, channels)
     ema.requires_grad_(False)
     reference = data.INTENSITY_REFERENCE if family in data.FAMILIES else None
     recipe.update(stats)
