@@ -66,3 +66,36 @@ def test_info_shows_the_statistic(tmp_path, solver):
     pipeline.reconstruct_file(scan, tmp_path / "r.h5", solver=solver, device="cpu", **kw)
     prov = describe_file(tmp_path / "r.h5")["provenance"]
     assert float(prov["noise_chi_per_slice"].strip("[]")) > 0
+
+
+def test_pixels_the_coil_maps_do_not_see_are_zero(tmp_path):
+    """Where every coil map vanishes (ESPIRiT's zero region: no signal) the data say nothing
+    and only the prior would speak; the written images are zero there, and the data fit is
+    the same (A ignores those pixels)."""
+    import h5py
+
+    from diffrecon.datasets.simulate import simulate_mri
+
+    scan = simulate_mri(tmp_path / "mri.h5", size=32, slices=1, coils=4, acceleration=4,
+                        center_fraction=0.16, noise=0.002, seed=1, with_coil_maps=True)
+    with h5py.File(scan) as f:
+        maps = f["coil_maps"][()] if "coil_maps" in f else None
+    assert maps is not None
+    maps[..., :6, :] = 0  # the top 6 rows: no coil sees them
+    side = tmp_path / "maps.h5"
+    with h5py.File(side, "w") as f:
+        f["coil_maps"] = maps
+    out = tmp_path / "r.h5"
+
+    class Busy(Prior):  # a prior that paints 1 everywhere
+        name, channels, data_range, sigma_min, sigma_max = "busy", 2, (-1.0, 1.0), 0.01, 5.0
+
+        def _denoise(self, x, sigma):
+            return 0.5 * x + 0.5
+
+    pipeline.reconstruct_file(scan, out, solver="dds", prior=Busy(), steps=3, coil_maps=side,
+                              device="cpu", save_samples=True)
+    r = read_result(out)
+    assert np.all(r.reconstruction[:, :6] == 0) and np.all(r.std[:, :6] == 0)
+    assert np.all(r.samples[:, :, :6] == 0)
+    assert np.abs(r.reconstruction[:, 6:]).min() > 0

@@ -157,7 +157,8 @@ def reconstruct_file(input_path, output_path, options: RunOptions | None = None,
                 solver = smaller_batches(solver, plan.input_path.name, progress)
             except (TypeError, ValueError) as exc:  # the solver refuses this problem
                 raise as_input_error(exc, plan.input_path.name) from exc
-        results[k] = slice_result(rec, problem.normalisers[j], opts.save_samples)
+        results[k] = slice_result(rec, problem.normalisers[j], opts.save_samples,
+                                  None if problem.supports is None else problem.supports[j])
         _emit(progress, event="slice", slice=k)
     if shard is not None:
         results = shard.gather(results)
@@ -184,10 +185,12 @@ def smaller_batches(solver, name: str, progress: Progress | None):
     return smaller
 
 
-def slice_result(rec, norm, save_samples: bool) -> dict[str, Any]:
+def slice_result(rec, norm, save_samples: bool, support=None) -> dict[str, Any]:
     """One slice's Reconstruction in scan units and prior layout (C, H, W), float64 numpy,
-    with what the result file records of its info."""
+    zero outside ``support`` ((H, W) bool, ``Problem.supports``), with what the result file
+    records of its info."""
     def host(t):
+        t = t if support is None else t * support.to(t.device)
         return norm.from_prior(t.detach().to("cpu", torch.float64)).numpy()
 
     out = {"mean": host(rec.mean[0]), "std": host(rec.std[0]),

@@ -62,7 +62,7 @@ def load_mri(path, prior=None, slices=None, *, device="cpu", acceleration=None,
         sigma_src = "file attribute noise_sigma"
     else:
         sigma, sigma_src = kspace_noise_sigma(kspace, mask), "estimated from outer k-space"
-    ys, phys, norms, rule = [], [], [], ""
+    ys, phys, norms, supports, rule = [], [], [], [], ""
     mask_t = torch.as_tensor(mask, device=device)
     for j in range(len(sel)):
         s = None if maps is None else torch.as_tensor(maps[j], device=device)
@@ -75,11 +75,13 @@ def load_mri(path, prior=None, slices=None, *, device="cpu", acceleration=None,
         sigma_j = max(norm.to_prior(float(sigma)), model_mismatch_sigma(unit, ys[-1]))
         phys.append(operators.mri(mask_t, s, img_size=kspace.shape[-2:],
                                   noise_sigma=sigma_j, device=device))
+        supports.append(None if s is None else (s.abs() ** 2).sum(0) > 0)
     rx, ry = scan.recon_size
     crop = (rx, ry) if (rx, ry) != tuple(scan.kspace.shape[-2:]) else None
     meta = {**mask_info, **maps_info, "noise_sigma": float(sigma), "noise_sigma_source": sigma_src,
             "coils": int(scan.n_coils), "mask": mask.astype(np.uint8)}
-    return Problem(Path(path), "mri", sel, ys, phys, norms, 2, rule, crop, meta)
+    return Problem(Path(path), "mri", sel, ys, phys, norms, 2, rule, crop, meta,
+                   supports if any(m is not None and not m.all() for m in supports) else None)
 
 
 def kspace_noise_sigma(kspace: np.ndarray, mask: np.ndarray | None) -> float:

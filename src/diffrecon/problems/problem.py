@@ -37,6 +37,10 @@ class Problem:
     normalisation: str
     crop: tuple[int, int] | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # per slice, (H, W) bool or None: where the image is observed (MRI: where the coil maps
+    # are nonzero). Outside, nothing but the prior speaks (ESPIRiT maps vanish where there is
+    # no signal), so written images are zero there, as in SENSE practice.
+    supports: list[Any] | None = None
 
     def scan_image(self, x: np.ndarray, std: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """A slice in prior layout (C, H, W), data units -> (the image a result file stores,
