@@ -19,9 +19,24 @@ from .run import Progress, reconstruct_file
 SCAN_SUFFIXES = (".h5", ".hdf5")
 
 
+def is_result_file(path: Path) -> bool:
+    """True for a diffrecon result file, recognised by its provenance (a ``reconstruction``
+    dataset and the ``settings_sha256`` / ``diffrecon_version`` attributes the pipeline
+    writes), never by its name; unreadable files are not results (the reader says why)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return ("reconstruction" in f and "settings_sha256" in f.attrs
+                    and "diffrecon_version" in f.attrs)
+    except (OSError, ValueError):
+        return False
+
+
 def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files and directories (their ``*.h5`` / ``*.hdf5`` files, sorted, not recursive),
-    de-duplicated in order."""
+    """Files and directories (their ``*.h5`` / ``*.hdf5`` scan files, sorted, not recursive;
+    diffrecon result files in a directory are skipped, so a batch whose output directory is
+    its input directory can be rerun), de-duplicated in order."""
     if not inputs:
         raise InputError("no INPUT given; expected scan files or directories")
     files: list[Path] = []
@@ -29,9 +44,11 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         p = Path(item)
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if q.suffix in SCAN_SUFFIXES and q.is_file())
-            if not found:
-                raise InputError(f"{p}: directory holds no .h5/.hdf5 scan files")
-            files.extend(found)
+            scans = [q for q in found if not is_result_file(q)]
+            if not scans:
+                what = "only diffrecon result files" if found else "no .h5/.hdf5 scan files"
+                raise InputError(f"{p}: directory holds {what}")
+            files.extend(scans)
         elif p.exists():
             files.append(p)
         else:
@@ -47,20 +64,48 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 def output_paths(inputs: Sequence[str | os.PathLike], files: list[Path], output: Path
                  ) -> list[Path]:
     """Result path per input file: ``output`` itself for one input file, else
-    ``output/<stem>_recon.h5`` (the directory is created)."""
+    ``output/<stem>_recon.h5`` (the directory is created). Checked before any work, whatever
+    ``--overwrite`` says: no result path may be (or replace) an input of the run, and no two
+    inputs may share a result path (``InputError`` naming both)."""
     many = len(files) > 1 or Path(inputs[0]).is_dir() or output.is_dir()
     if not many:
-        return [output]
-    if output.exists() and not output.is_dir():
-        raise InputError(f"-o/--output {output} is a file, but several inputs need a directory")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"-o/--output {output}: directory {parent} does not exist")
-    if not output.exists():
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise InputError(f"-o/--output {output}: directory {parent} is not writable")
-        output.mkdir(exist_ok=True)
-    return [output / f"{f.stem}_recon.h5" for f in files]
+        targets = [output]
+    else:
+        if output.exists() and not output.is_dir():
+            raise InputError(f"-o/--output {output} is a file, but several inputs need a "
+                             f"directory")
+        targets = [output / f"{f.stem}_recon.h5" for f in files]
+    check_targets(files, targets)
+    if many:
+        parent = output.parent if str(output.parent) else Path(".")
+        if not parent.is_dir():
+            raise InputError(f"-o/--output {output}: directory {parent} does not exist")
+        if not output.exists():
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise InputError(f"-o/--output {output}: directory {parent} is not writable")
+            output.mkdir(exist_ok=True)
+    return targets
+
+
+def check_targets(files: Sequence[Path], targets: Sequence[Path]) -> None:
+    """``InputError`` when a result path is an input of the run (same path, link or name up
+    to case, as on case-insensitive file systems) or two inputs share a result path."""
+    def key(p: Path) -> str:
+        return str(p.resolve()).casefold()
+
+    by_key = {key(f): f for f in files}
+    owner: dict[str, Path] = {}
+    for f, t in zip(files, targets, strict=True):
+        clash = by_key.get(key(t))
+        if clash is None and t.exists():
+            clash = next((g for g in files if os.path.samefile(g, t)), None)
+        if clash is not None:
+            raise InputError(f"-o/--output: the result of {f} would be {t}, which is the input "
+                             f"{clash}; inputs are never replaced, choose another -o")
+        first = owner.setdefault(key(t), f)
+        if first is not f:
+            raise InputError(f"inputs {first} and {f} would both write {t}; rename one or "
+                             f"run them with separate -o directories")
 
 
 def init_distributed() -> tuple[int, int, bool]:
