@@ -1,6 +1,6 @@
 """Self-tuning classical baselines vs their own oracle weight on independently simulated scans.
 
-    python benchmarks/baselines_auto.py [--quick] [--split val|test] [--size 128]
+    python -m benchmarks.baselines_auto [--quick] [--split val|test] [--size 128]
                                         [--tasks mri-4x ct-8 ...] [--timing]
 
 Scans are simulated with sigpy / scikit-image / numpy only (nothing from diffrecon's
@@ -40,8 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, setup  # noqa: E402
+from benchmarks.common import header, setup
 
 F32 = torch.float32
 

@@ -1,6 +1,6 @@
 """Held-out independent benchmark: does diffrecon win on scans it did not make (issue 15)?
 
-    nice -n 15 env OMP_NUM_THREADS=1 python benchmarks/external.py \\
+    nice -n 15 env OMP_NUM_THREADS=1 python -m benchmarks.external \\
         [--quick | --full] [--tasks PAT,...] [--rows PAT,...] [--images NAME,...] \\
         [--prior NAME] [--out DIR] [--threads N] [--overwrite] [--collect]
 
@@ -60,11 +60,11 @@ The "before" table of the shipped phantom priors (``benchmarks/external_before.m
 the committed code of 82f631c (a snapshot, so that work in progress in the tree could not
 leak in; the runner and every ``diffrecon`` subprocess import it through PYTHONPATH):
     git archive 82f631c | tar -x -C /tmp/head
-    PYTHONPATH=/tmp/head/src nice -n 15 env OMP_NUM_THREADS=1 python benchmarks/external.py \\
+    PYTHONPATH=/tmp/head/src nice -n 15 env OMP_NUM_THREADS=1 python -m benchmarks.external \\
         --tasks mri-4x-rand-8c,mri-4x-equi-16c,ct-30 \\
         --images t1_coronal,s1045_sagittal,camera --out external_before
 The full benchmark (all tasks, images and rows; ``--full`` adds DPS and SMC) is
-    nice -n 15 env OMP_NUM_THREADS=1 python benchmarks/external.py --out external_after
+    nice -n 15 env OMP_NUM_THREADS=1 python -m benchmarks.external --out external_after
 and ``--collect`` tabulates whatever rows are cached so far (e.g. several processes, each
 with its own ``--tasks``, sharing one ``--out``).
 """
@@ -89,9 +89,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import external_sim as sim  # noqa: E402
+from benchmarks import external_sim as sim
 
 SEED0 = 1000
 SART_ITERS = 30
@@ -715,7 +713,7 @@ def report(done: list[dict], rows_of: dict[str, list[Row]], argv: list[str], qui
         "`camera` used as attenuation maps (no real CT outside the reserved packages). "
         "Oracle rows pick one value per task on these test images (favours the baselines).",
         "",
-        f"`python benchmarks/external.py {' '.join(argv)}`; {datetime.date.today()}, "
+        f"`python -m benchmarks.external {' '.join(argv)}`; {datetime.date.today()}, "
         f"{platform.processor() or platform.machine()}, OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.__version__}"
         + (f", diffusion rows --prior {prior}" if prior else "") + ". "

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import external  # noqa: E402
-from benchmarks import external_sim as sim  # noqa: E402
+from benchmarks import external
+from benchmarks import external_sim as sim
 
 
 def tiny(name: str, size: int, **params) -> external.Task:

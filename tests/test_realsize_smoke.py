@@ -4,16 +4,11 @@ ESPIRiT close to full resolution, CT operators match the analytic phantom)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("fastmri")
 pytest.importorskip("nibabel")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import common, realsize  # noqa: E402
+from benchmarks import common, realsize  # noqa: E402 - after the importorskips
 
 
 def test_realsize_quick(capsys):
