@@ -161,7 +161,8 @@ def result_slices(attrs) -> list[int] | None:
     return None
 
 
-def paired_result(result, reference, reference_kind: str = "auto") -> dict[str, Any]:
+def paired_result(result, reference, reference_kind: str = "auto", index=None
+                  ) -> dict[str, Any]:
     """A result and its reference on one grid, as ``evaluate`` and ``calibrate`` score them.
 
     ``result`` is a path or a ``diffrecon.datasets.io.Result``; ``reference`` the scan's
@@ -170,12 +171,19 @@ def paired_result(result, reference, reference_kind: str = "auto") -> dict[str, 
     holds (its ``slices`` attribute), the reconstruction, std and intervals ({level: (lower,
     upper)}) centre-cropped to the reference when larger (fastMRI), the scan slice numbers
     (None: all), the maximum of the WHOLE reference volume and the reference dataset's name.
+    ``index``: read only these positions of a result file's slice axis (sorted; ``slices``
+    then lists their scan slice numbers).
     """
     from diffrecon.datasets.fastmri import center_crop
     from diffrecon.datasets.io import Result, read_result
 
-    res = result if isinstance(result, Result) else read_result(result)
+    if isinstance(result, Result):
+        res, index = result, None
+    else:
+        res = read_result(result, index, samples=False)
     slices = result_slices(res.attrs)
+    if index is not None:
+        slices = [slices[i] for i in index] if slices is not None else [int(i) for i in index]
     volume, name = load_reference(reference, reference_kind)
     if volume.size == 0 or not volume.max() > 0:
         raise InputError(f"{reference}: reference '{name}' has no positive values")

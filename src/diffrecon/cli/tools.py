@@ -128,15 +128,19 @@ def calib(
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Side file for the maps (default: add 'coil_maps' to the scan "
                                "itself, rewritten atomically).")] = None,
+    slices: Annotated[str | None, typer.Option(
+        "--slices", help="Only these slices, e.g. '0,2,5-7' (needs -o: a partial side file "
+                         "that also records the slice numbers).", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing maps.")
                          ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ):
     """ESPIRiT coil sensitivity maps (sigpy) from the central fully sampled k-space lines
-    (calibration width min(24, ACS lines), kernel 6)."""
+    (calibration width min(24, ACS lines), kernel up to 6), computed on a coarse grid and
+    interpolated."""
     from diffrecon.problems.calib import calibrate_file
 
-    s = calibrate_file(scan, output, overwrite=overwrite)
+    s = calibrate_file(scan, output, overwrite=overwrite, slices=slices)
     print_json(s) if as_json else typer.echo(f"wrote coil maps {tuple(s['shape'])} to "
                                               f"{s['coil_maps']}")
 
@@ -199,11 +203,14 @@ def view(
         show_default=False)] = None,
     reference_kind: RefKind = ReferenceKind.auto,
     slice_: Annotated[list[int] | None, typer.Option(
-        "--slice", help="Result slice(s) to show (index into the result; default: middle).",
+        "--slice", help="Scan slice number(s) to show, as in the scan file and `evaluate` "
+                        "(repeatable; default: the result's middle slice).",
         show_default=False)] = None,
 ):
-    """Figure: reconstruction, |error| and posterior std maps side by side with colour bars
-    and the metrics in the title."""
+    """Figure: reconstruction, |error|, posterior std and calibrated interval widths (when
+    the result holds them, with the fraction of the reference inside) side by side, rows
+    labelled with scan slice numbers; PSNR / SSIM use the whole reference volume's maximum.
+    Reads and scores only the slices shown."""
     from diffrecon.figures import save_figure
 
     try:

@@ -314,16 +314,19 @@ def write_result(path: str | os.PathLike, reconstruction, std, samples=None, com
     return Path(path)
 
 
-def read_result(path: str | os.PathLike) -> Result:
-    """Read and validate a result file written by :func:`write_result`."""
+def read_result(path: str | os.PathLike, index=None, samples: bool = True) -> Result:
+    """Read and validate a result file written by :func:`write_result`; ``index`` (positions
+    along the result's slice axis, sorted; None: all) reads only those slices, ``samples``
+    False skips the draws."""
     with open_h5_checked(path) as f:
-        rec = read_array(f, "reconstruction", kinds="f", ndim=(3, 4), finite=False)
-        std = read_array(f, "std", kinds="f", ndim=(3, 4), finite=False)
+        idx = slice_selection(f, "reconstruction", index)
+        rec = read_array(f, "reconstruction", kinds="f", ndim=(3, 4), finite=False, index=idx)
+        std = read_array(f, "std", kinds="f", ndim=(3, 4), finite=False, index=idx)
         check_shape(path, "std", std.shape, rec.shape, "same as 'reconstruction'")
-        samples = read_array(f, "samples", kinds="f", ndim=rec.ndim + 1, required=False,
-                             finite=False)
+        draws = read_array(f, "samples", kinds="f", ndim=rec.ndim + 1, required=False,
+                           finite=False, index=idx) if samples else None
         cplx = read_array(f, "reconstruction_complex", kinds="c", ndim=3, required=False,
-                          finite=False)
+                          finite=False, index=idx)
         intervals = {}
         for name in sorted(f.keys()):
             if not name.startswith("lower_"):
@@ -333,7 +336,7 @@ def read_result(path: str | os.PathLike) -> Result:
             except ValueError:
                 continue
             lo_name, hi_name = interval_names(level)
-            pair = [read_array(f, n, kinds="f", ndim=rec.ndim, finite=False)
+            pair = [read_array(f, n, kinds="f", ndim=rec.ndim, finite=False, index=idx)
                     for n in (lo_name, hi_name)]
             for n, b in zip((lo_name, hi_name), pair, strict=True):
                 check_shape(path, n, b.shape, rec.shape, "same as 'reconstruction'")
@@ -343,4 +346,4 @@ def read_result(path: str | os.PathLike) -> Result:
         if isinstance(v, str) and v[:1] in "{[":
             with contextlib.suppress(ValueError):
                 attrs[k] = json.loads(v)
-    return Result(rec, std, samples, cplx, attrs, Path(path), intervals)
+    return Result(rec, std, draws, cplx, attrs, Path(path), intervals)
