@@ -1,7 +1,7 @@
 """Self-tuning classical baselines vs their own oracle weight on independently simulated scans.
 
     python -m benchmarks.baselines_auto [--quick] [--split val|test] [--size 128]
-                                        [--tasks mri-4x ct-8 ...] [--timing]
+                                        [--tasks mri-4x ct-8 ...] [--timing] [--out DIR]
 
 Scans are simulated with sigpy / scikit-image / numpy only (nothing from diffrecon's
 simulators): MRI = magnitude image x smooth random phase, sigpy birdcage coils (NOT given to
@@ -29,7 +29,6 @@ MRI, FBP for CT, the measurement / box upsampling for deblur / SR).
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import sys
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import header, setup
+from benchmarks.common import arguments, header, setup
 
 F32 = torch.float32
 
@@ -450,16 +449,18 @@ def timing(sizes=(128, 320), coils: int = 16) -> str:
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="one 64 px image per task, 3 tasks")
+    p = arguments(__doc__, "one 64 px image per task, 3 tasks")
     p.add_argument("--split", choices=("val", "test"), default="val")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--images", type=int, default=2, help="images per task")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--timing", action="store_true", help="also time 128 / 320 px MRI slices")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", type=Path, default=None, help="write the raw rows here")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the raw rows here (default: <--out>/rows.json, none without --out)")
     a = p.parse_args(argv)
+    if a.json is None and a.out is not None:
+        a.out.mkdir(parents=True, exist_ok=True)
+        a.json = a.out / "rows.json"
     setup(a.threads)
     tasks, size, images = a.tasks, a.size, a.images
     if a.quick:
