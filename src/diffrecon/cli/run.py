@@ -42,7 +42,7 @@ def run(
         "--prior", help="Prior name (see diffrecon.priors.available()) or a local checkpoint "
                         "as its repository released it (guided-diffusion/DPS/RED-diff/DDS, "
                         "score-SDE/score-MRI, EDM, diffusers folder, deepinv, diffrecon). "
-                        "Default: phantom-mri for MRI, phantom-ct for CT and images. "
+                        "Default: mri for MRI, ct for CT, natural for images. "
                         "Ignored by classical solvers.", show_default=False)] = D.prior,
     prior_kind: Annotated[str | None, typer.Option(
         "--prior-kind", help="Checkpoint kind when the file cannot tell: adm, vpred, "

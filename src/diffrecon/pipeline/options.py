@@ -22,7 +22,7 @@ from diffrecon.priors.base import Prior
 from diffrecon.problems import parse_slices
 
 DEFAULT_SOLVER = "dds"
-DEFAULT_PRIORS = {"mri": "phantom-mri", "ct": "phantom-ct", "image": "phantom-ct"}
+DEFAULT_PRIORS = {"mri": "mri", "ct": "ct", "image": "natural"}
 BASELINE_SOLVERS = {"mri": "tv", "ct": "tv", "image": "tv"}  # best classical on the phantoms
 
 RESULT = "result"  # field metadata: False for options that do not change the result

@@ -178,16 +178,18 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def save_network_prior(prior: NetworkPrior, path: str | os.PathLike,
-                       extra_meta: dict | None = None) -> Path:
+                       extra_meta: dict | None = None,
+                       storage_dtype: torch.dtype = torch.float32) -> Path:
     """Write config + (EMA) weights + metadata to one .pt file atomically (tmp + rename).
 
     Only plain dicts / lists / str / numbers / tensors are stored, so
-    ``torch.load(path, weights_only=True)`` works.
+    ``torch.load(path, weights_only=True)`` works. ``storage_dtype`` float16 halves the file
+    (the shipped priors); weights are loaded back into float32 networks.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).clone()
-             for k, v in prior.net.state_dict().items()}
+    state = {k: v.detach().to("cpu", storage_dtype if v.is_floating_point() else v.dtype)
+             .clone() for k, v in prior.net.state_dict().items()}
     blob = {"format": FORMAT, "config": dict(prior.net.config), "state_dict": state,
             "meta": prior.meta, "extra": dict(extra_meta or {})}
     tmp = path.with_name(path.name + ".tmp")

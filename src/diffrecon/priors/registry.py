@@ -33,10 +33,20 @@ def _weights_dir() -> Path:
     return Path(str(importlib.resources.files("diffrecon.priors") / "weights"))
 
 
-def available() -> list[str]:
-    """Names of the shipped priors (``priors/weights/<name>.pt``), sorted."""
+# Names that load a shipped file of another name: one grey-scale prior trained on CT-like
+# anatomy and photographs together (``weights/gray.md``) serves both roles.
+ALIASES = {"ct": "gray", "natural": "gray"}
+
+
+def _shipped() -> list[str]:
     folder = _weights_dir()
     return sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
+
+
+def available() -> list[str]:
+    """Names of the shipped priors (``priors/weights/<name>.pt`` and ``ALIASES``), sorted."""
+    files = _shipped()
+    return sorted(files + [a for a, f in ALIASES.items() if f in files])
 
 
 def load(path_or_name: str | os.PathLike, kind: str | None = None, config=None, *,
@@ -49,9 +59,10 @@ def load(path_or_name: str | os.PathLike, kind: str | None = None, config=None, 
 
     name = str(path_or_name)
     if kind in (None, "diffrecon") and name in available():
+        name = ALIASES.get(name, name)
         prior = checkpoints.load_checkpoint(_weights_dir() / f"{name}.pt", "diffrecon", config,
                                             label=label, **options)
-        prior.name = name
+        prior.name = name  # the file's: an alias loads the same prior, same checksum
         return prior
     if not Path(name).exists():
         raise InputError(f"{name!r} is neither a shipped prior {available()} nor an "
