@@ -4,7 +4,7 @@
         [--quick | --full] [--tasks PAT,...] [--rows PAT,...] [--images NAME,...] \\
         [--prior NAME] [--out DIR] [--threads N] [--overwrite] [--collect]
 
-Scans are simulated by ``benchmarks/external_sim.py``, which shares nothing with diffrecon's
+Scans are simulated by ``benchmarks/_external_sim.py``, which shares nothing with diffrecon's
 simulators (numpy / scipy / sigpy / scikit-image / h5py only), from held-out TEST images
 (never used to train, tune or select anything; the TEST split of issue 15): anatomy dipy
 ``t1_coronal_slice``, matplotlib ``s1045.ima``, dipy ``S0_10slices`` slices 2-7; photographs
@@ -21,7 +21,7 @@ Tasks (``--tasks``, fnmatch patterns; native sizes: anatomy 256 / 128 px, photos
         reconSpace 320 x 320 (t1_coronal and s1045 resized to 320 px)
   ct-30, ct-8, ct-90deg  parallel beam (skimage radon), 30 / 8 views over 180 deg, 60 views
         over 90 deg; attenuation maps = image * 0.04 / mm, FOV 256 mm (EPI 128 px zero-padded
-        to 129: see ``external_sim.ct_size``); sinogram noise 0.02
+        to 129: see ``_external_sim.ct_size``); sinogram noise 0.02
   deblur-gauss2   Gaussian blur std 2 px (13 x 13 kernel), mirror boundary, noise 0.01
   sr-4x           antialiased bicubic x4 decimation, mirror boundary, noise 0.01
 CT uses MR images and the ``camera`` photo as attenuation maps: no real CT is available
@@ -89,7 +89,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from benchmarks import external_sim as sim
+from benchmarks import _external_sim as sim
 
 SEED0 = 1000
 SART_ITERS = 30
@@ -708,7 +708,7 @@ def report(done: list[dict], rows_of: dict[str, list[Row]], argv: list[str], qui
     lines = [
         "## Held-out independent benchmark (`benchmarks/external.py`)", "",
         f"Held-out TEST images (never used for training, tuning or selection): {held}. "
-        "Scans simulated by `benchmarks/external_sim.py` (numpy / scipy / sigpy / "
+        "Scans simulated by `benchmarks/_external_sim.py` (numpy / scipy / sigpy / "
         "scikit-image only; no ground truth or coil maps in the files). CT: MR images and "
         "`camera` used as attenuation maps (no real CT outside the reserved packages). "
         "Oracle rows pick one value per task on these test images (favours the baselines).",

@@ -134,3 +134,16 @@ def test_runner_writes_reports_where_told(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["RESULTS.md", "smc_mode_weights.md"]
     assert runner.main(["no-such-benchmark", "--out", str(out)]) == 2
     assert "unknown benchmark 'no-such-benchmark'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", runner.scripts())
+def test_every_script_takes_the_runners_flags(name, capsys):
+    """`diffrecon bench --quick` runs each script with --quick --out DIR: all must accept
+    them (baselines_auto once refused --out)."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--help"])
+    usage = capsys.readouterr().out
+    assert exc.value.code == 0 and "--quick" in usage and "--out" in usage, usage

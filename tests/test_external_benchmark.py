@@ -1,5 +1,5 @@
 """Smoke and consistency tests of the held-out benchmark (benchmarks/external.py and its
-independent simulators benchmarks/external_sim.py): the simulators' forward models equal
+independent simulators benchmarks/_external_sim.py): the simulators' forward models equal
 diffrecon's operators at float precision, the masks equal fastMRI's mask functions, the
 oracle sweep finds the optimum, and a --quick run goes through the CLI end to end, scores,
 caches and draws."""
@@ -12,8 +12,8 @@ import subprocess
 import numpy as np
 import pytest
 
+from benchmarks import _external_sim as sim
 from benchmarks import external
-from benchmarks import external_sim as sim
 
 
 def tiny(name: str, size: int, **params) -> external.Task:
