@@ -92,6 +92,11 @@ def run(
     coil_maps: Annotated[Path | None, typer.Option(
         "--coil-maps", help="Side file with 'coil_maps' (from `diffrecon calib -o`). Default: "
                             "the scan's maps, else ESPIRiT.", show_default=False)] = D.coil_maps,
+    coil_compression: Annotated[str, typer.Option(
+        "--coil-compression", help="MRI coil compression (SVD): auto (scans with more than 8 "
+                                   "coils: >= 8 virtual coils keeping 99.9% of the k-space "
+                                   "energy), off, or a number of virtual coils.")
+                                ] = str(D.coil_compression),
     option: Annotated[list[str] | None, typer.Option(
         "--option", help="Solver option override NAME=VALUE (repeatable), e.g. "
                          "--option eta=0.85.", show_default=False)] = None,

@@ -46,6 +46,8 @@ class RunOptions:
     acceleration, mask_type, center_fraction: retrospective fastMRI undersampling of a fully
     sampled MRI file (required for those, refused for undersampled ones).
     coil_maps: optional side file with ``coil_maps`` (default: the scan's, else ESPIRiT).
+    coil_compression: 'auto' (SVD to >= 8 virtual coils for scans with more than 8), 'off'
+    or a virtual coil count (``problems.mri.compression_spec``).
     save_samples: also store the posterior draws (slices, samples, ...).
     calibration: a calibration file (``diffrecon calibrate``): the result also holds the
     calibrated intervals ``lower_<level>`` / ``upper_<level>`` (``pipeline.calibrate``).
@@ -68,6 +70,7 @@ class RunOptions:
     mask_type: str | None = None
     center_fraction: float = 0.08
     coil_maps: str | Path | None = None
+    coil_compression: str | int = "auto"
     solver_options: dict[str, Any] = field(default_factory=dict)
     save_samples: bool = False
     calibration: str | Path | None = None
@@ -84,6 +87,9 @@ class RunOptions:
             raise InputError(f"--steps {self.steps} is not valid; expected an integer >= 1")
         if self.coil_maps is not None and not Path(self.coil_maps).is_file():
             raise InputError(f"--coil-maps {self.coil_maps}: no such file")
+        from diffrecon.problems.mri import compression_spec
+
+        compression_spec(self.coil_compression)  # the spelling; the count per scan
         resolve_device(self.device)
         object.__setattr__(self, "slices", parse_slices(self.slices))
 
@@ -104,7 +110,8 @@ class RunOptions:
     def acquisition(self) -> dict[str, Any]:
         """The MRI acquisition options, as ``problems.load_problem`` takes them."""
         return {"acceleration": self.acceleration, "mask_type": self.mask_type,
-                "center_fraction": self.center_fraction, "coil_maps": self.coil_maps}
+                "center_fraction": self.center_fraction, "coil_maps": self.coil_maps,
+                "coil_compression": self.coil_compression}
 
 
 def result_fields() -> list[str]:

@@ -137,7 +137,8 @@ def reconstruct_file(input_path, output_path, options: RunOptions | None = None,
         check_run(plan.calibration, {"prior_sha256": prior.checksum if prior is not None
                                      else "none"}, opts.calibration, only=["prior_sha256"])
     problem = load_problem(plan.input_path, prior, opts.slices, device=device,
-                           progress=progress, **opts.acquisition())
+                           progress=progress, maps_cache=maps_cache(plan.output_path),
+                           **opts.acquisition())
     todo = range(len(problem.slices))
     todo = todo if shard is None else shard.mine(todo)
     solver, results = plan.solver, {}
@@ -169,6 +170,12 @@ def reconstruct_file(input_path, output_path, options: RunOptions | None = None,
     remove_stale_temporaries(plan.output_path)
     _emit(progress, event="done", path=str(plan.input_path), output=str(plan.output_path))
     return summary
+
+
+def maps_cache(output_path: Path) -> Path:
+    """The directory next to a result where ESPIRiT coil maps are cached for later runs
+    (``problems.mri.cached_maps``: keyed by the input's checksum, slice and parameters)."""
+    return output_path.parent / ".diffrecon-cache"
 
 
 def smaller_batches(solver, name: str, progress: Progress | None):

@@ -22,7 +22,8 @@ from diffrecon.errors import InputError
 from .normalise import Normaliser, intensity_reference, reference_level
 from .problem import Problem, parse_slices
 
-ACQUISITION = ("acceleration", "mask_type", "center_fraction", "coil_maps")  # MRI only
+ACQUISITION = ("acceleration", "mask_type", "center_fraction", "coil_maps",  # MRI only
+               "coil_compression", "maps_cache")
 
 
 def load_problem(path: str | os.PathLike, prior=None, slices=None, *,
@@ -71,14 +72,19 @@ def load_problem(path: str | os.PathLike, prior=None, slices=None, *,
 
 
 def check_acquisition(path, modality: str, acquisition: dict) -> None:
-    """InputError unless ``path`` is a scan and the retrospective-mask options are only
-    given for MRI (cheap: the pipeline calls it before any expensive work)."""
+    """InputError unless ``path`` is a scan and the acquisition options are only given for
+    MRI and fit the MRI scan (``mri.check_mri_file``: no k-space read; cheap: the pipeline
+    calls it before any expensive work)."""
     if modality == "result":
         raise InputError(f"{path}: is a diffrecon result file, expected a scan file")
     if modality != "mri" and (acquisition.get("acceleration") is not None
                               or acquisition.get("mask_type") is not None):
         raise InputError(f"{path}: --acceleration/--mask-type apply to MRI scans only "
                          f"(this is a {modality} scan)")
+    if modality == "mri":
+        from .mri import check_mri_file
+
+        check_mri_file(path, acquisition)
 
 
 __all__ = ["ACQUISITION", "Normaliser", "Problem", "check_acquisition", "intensity_reference",

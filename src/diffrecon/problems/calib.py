@@ -7,19 +7,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from diffrecon.errors import InputError
 
 from .mri import estimate_maps
 
 
-def calibrate_file(scan_path, output=None, *, overwrite: bool = False) -> dict[str, Any]:
-    """ESPIRiT coil maps for every slice of a multi-coil MRI scan.
+def calibrate_file(scan_path, output=None, *, overwrite: bool = False,
+                   slices=None) -> dict[str, Any]:
+    """ESPIRiT coil maps for every slice (or the ``slices``: list, int or '0,2,5-7') of a
+    multi-coil MRI scan, on the coarse calibration grid (``problems.mri.estimate_maps``).
 
     ``output`` None: the maps are added to the scan itself as ``coil_maps`` (the file is
     rewritten atomically: its datasets and attributes copied into a temporary file, the maps
     added, then renamed over it; nothing else in the file changes). Otherwise they go to the
     side file ``output`` (dataset ``coil_maps`` plus the calibration parameters), usable with
-    ``diffrecon run --coil-maps``. Returns a summary.
+    ``diffrecon run --coil-maps``. With ``slices`` the side file is partial: it also holds
+    dataset ``slices`` (the scan slice of each map) and serves runs on those slices; the
+    scan itself can only take maps of every slice. Returns a summary.
     """
     from diffrecon.datasets.fastmri import read_mri_scan
     from diffrecon.datasets.io import (
@@ -31,11 +37,17 @@ def calibrate_file(scan_path, output=None, *, overwrite: bool = False) -> dict[s
         write_attrs,
     )
 
+    from .problem import parse_slices
+
     scan_path = Path(scan_path)
+    selected = parse_slices(slices)
+    if selected is not None and output is None:
+        raise InputError("--slices needs -o/--output: the maps of some slices go to a side "
+                         "file (the scan's own 'coil_maps' must cover every slice)")
     if detect_modality(scan_path) != "mri":
         raise InputError(f"{scan_path}: not an MRI scan (no 'kspace'); calib needs multi-coil "
                          f"k-space")
-    scan = read_mri_scan(scan_path)
+    scan = read_mri_scan(scan_path, slices=selected)
     if not scan.multicoil:
         raise InputError(f"{scan_path}: single-coil k-space (slices, kx, ky) needs no coil maps")
     if output is None and scan.coil_maps is not None and not overwrite:
@@ -59,6 +71,9 @@ def calibrate_file(scan_path, output=None, *, overwrite: bool = False) -> dict[s
                 for key in src.attrs:
                     f.attrs.create(key, src.attrs[key], dtype=src.attrs.get_id(key).dtype)
         f.create_dataset("coil_maps", data=maps)
+        if selected is not None:
+            f.create_dataset("slices", data=np.asarray(selected, dtype=np.int64))
         write_attrs(f, attrs)
     return {"scan": str(scan_path), "coil_maps": str(target), "shape": list(maps.shape),
-            "params": params, "wall_time_s": round(time.perf_counter() - t0, 3)}
+            "slices": selected, "params": params,
+            "wall_time_s": round(time.perf_counter() - t0, 3)}
