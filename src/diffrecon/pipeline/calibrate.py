@@ -109,18 +109,31 @@ def load_for_run(path) -> C.Calibration:
         raise InputError(f"{FLAG} {exc}") from None
 
 
+FIRST = ("modality", "solver", "prior", "samples")  # reported first when they differ
+
+
+def first_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
+    """The first key (``FIRST``, then alphabetical) whose value differs between two task
+    keys, None when they agree."""
+    keys = [k for k in FIRST if k in a or k in b]
+    keys += sorted((set(a) | set(b)) - set(keys))
+    return next((k for k in keys if a.get(k) != b.get(k)), None)
+
+
 def check_run(calib: C.Calibration, task: Mapping[str, Any], path, *,
               only: Sequence[str] | None = None) -> None:
-    """``InputError`` naming ``--calibration`` and the first key whose value differs between
-    the calibration's task and ``task``: every key but ``prior_sha256`` unless ``task`` has
-    it, or only the keys ``only`` (the prior checksum, once the prior is loaded)."""
-    import dataclasses
-
+    """``InputError`` naming ``--calibration`` and the first key (:func:`first_difference`)
+    whose value differs between the calibration's task and ``task``: every key but
+    ``prior_sha256`` unless ``task`` has it, or only the keys ``only`` (the prior checksum,
+    once the prior is loaded)."""
     if only is not None:
         mine, task = ({k: d.get(k) for k in only} for d in (calib.task, task))
     else:
         mine = {k: v for k, v in calib.task.items() if k != "prior_sha256" or k in task}
-    dataclasses.replace(calib, task=mine).check_task(task, f"{FLAG} {path}")
+    key = first_difference(mine, task)
+    if key is not None:
+        raise InputError(f"{FLAG} {path}: calibrated for {key}={mine.get(key)!r}, this run "
+                         f"has {key}={task.get(key)!r}; calibrate for this task")
 
 
 def intervals(calib: C.Calibration | None, mean: np.ndarray, std: np.ndarray
@@ -210,7 +223,7 @@ def calibrate_results(paths: Sequence[str | os.PathLike], levels: Sequence[float
         if task is None:
             task, first = t, r
         else:
-            key = next((k for k in sorted(set(t) | set(task)) if t.get(k) != task.get(k)), None)
+            key = first_difference(task, t)
             if key is not None:
                 raise InputError(f"{r}: {key}={t.get(key)!r} but {first} has "
                                  f"{key}={task.get(key)!r}; calibrate one task at a time")
