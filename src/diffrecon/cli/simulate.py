@@ -75,27 +75,76 @@ def simulate_mri(
               seed=seed, fully_sampled=fully_sampled, with_coil_maps=coil_maps))
 
 
+class Geometry(str, Enum):
+    parallel = "parallel"
+    fan = "fan"
+
+
+class Detector(str, Enum):
+    flat = "flat"
+    curved = "curved"
+
+
 @simulate_app.command("ct")
 def simulate_ct(
     output: Output,
     size: Size = 128, slices: Slices = 2, seed: Seed = 0,
     views: Annotated[int, typer.Option("--views", help="Number of projection angles.",
                                        min=1)] = 30,
-    angle_range: Annotated[float, typer.Option(
-        "--angle-range", help="Angular range covered by the views, in DEGREES (180 = full "
-                              "parallel-beam; less = limited angle).", min=1e-3, max=360.0)
-    ] = 180.0,
+    angle_range: Annotated[float | None, typer.Option(
+        "--angle-range", help="Angular range covered by the views, in DEGREES (default 180 "
+                              "for parallel beam, 360 for fan beam; less = limited angle).",
+        min=1e-3, max=360.0, show_default=False)] = None,
     noise: Annotated[float, typer.Option(
         "--noise", help="Sinogram noise std as a fraction of the largest line integral.",
         min=0.0)] = 0.0,
+    geometry: Annotated[Geometry, typer.Option(
+        "--geometry", help="parallel beam, or fan beam (clinical proportions by default: "
+                           "source-to-isocentre 1.66 x the field of view, source-to-detector "
+                           "1.825 x that, one detector per pixel at the isocentre).")
+    ] = Geometry.parallel,
+    detectors: Annotated[int | None, typer.Option(
+        "--detectors", help="Detector count (default: ceil(sqrt(2) size), covering the "
+                            "image).", min=1, show_default=False)] = None,
+    pixel_size: Annotated[float, typer.Option(
+        "--pixel-size", help="Pixel size in mm (fan-beam distances are in mm).", min=1e-6)
+    ] = 1.0,
+    source_to_isocentre: Annotated[float | None, typer.Option(
+        "--source-to-isocentre", help="Fan beam: source-to-isocentre distance in mm.",
+        min=1e-6, show_default=False)] = None,
+    source_to_detector: Annotated[float | None, typer.Option(
+        "--source-to-detector", help="Fan beam: source-to-detector distance in mm.",
+        min=1e-6, show_default=False)] = None,
+    detector_spacing: Annotated[float | None, typer.Option(
+        "--detector-spacing", help="Fan beam: detector spacing in mm at the detector (arc "
+                                   "length on a curved detector).", min=1e-6,
+        show_default=False)] = None,
+    detector_shape: Annotated[Detector, typer.Option(
+        "--detector-shape", help="Fan beam: flat panel or curved (equiangular arc centred on "
+                                 "the source).")] = Detector.flat,
 ):
-    """Simulated 2D parallel-beam CT scan (sparse-view or limited-angle) with ground truth."""
+    """Simulated 2D CT scan, parallel or fan beam (sparse-view or limited-angle), with ground
+    truth; the geometry is written as the CT layout's attributes (README)."""
     import math
 
     from diffrecon.datasets.simulate import simulate_ct as sim
 
+    fan = geometry is Geometry.fan
+    given = {"--source-to-isocentre": source_to_isocentre,
+             "--source-to-detector": source_to_detector, "--detector-spacing": detector_spacing}
+    if not fan:
+        extra = [k for k, v in given.items() if v is not None]
+        if detector_shape is not Detector.flat:
+            extra.append("--detector-shape")
+        if extra:
+            raise InputError(f"{', '.join(extra)} apply to --geometry fan only")
+    degrees = angle_range if angle_range is not None else (360.0 if fan else 180.0)
     _done(sim(output, size=size, slices=slices, views=views,
-              angle_range=math.radians(angle_range), noise=noise, seed=seed))
+              angle_range=math.radians(degrees), noise=noise, seed=seed,
+              n_detectors=detectors, geometry=geometry.value, pixel_size_mm=pixel_size,
+              source_to_isocentre_mm=source_to_isocentre,
+              source_to_detector_mm=source_to_detector, detector_spacing_mm=detector_spacing,
+              detector_shape=detector_shape.value))
 
 
 @simulate_app.command("blur")
