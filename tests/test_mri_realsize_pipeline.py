@@ -249,3 +249,28 @@ def test_result_records_crop_compression_and_cache(tmp_path):
     reconstruct_file(path, out.with_name("b.h5"), solver="zero-filled")
     with h5py.File(out.with_name("b.h5")) as f:
         assert "1 of 1" in str(f.attrs["espirit_cache"])
+
+
+def test_cli_calib_slices_and_run_flags(tmp_path):
+    """`diffrecon calib --slices -o` then `run --coil-maps --slices --coil-compression`; a
+    bad --coil-compression is one line, exit code 2."""
+    from typer.testing import CliRunner
+
+    from diffrecon.cli.main import app
+
+    scan = write_oversampled(tmp_path / "scan.h5", coils=10, slices=3)
+    side = tmp_path / "maps.h5"
+    r = CliRunner().invoke(app, ["calib", str(scan), "-o", str(side), "--slices", "2"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "res.h5"
+    r = CliRunner().invoke(app, ["run", str(scan), "-o", str(out), "--solver", "zero-filled",
+                                 "--slices", "2", "--coil-maps", str(side),
+                                 "--coil-compression", "6", "-q"])
+    assert r.exit_code == 0, r.output
+    with h5py.File(out) as f:
+        assert f["reconstruction"].shape == (1, N, N)
+        assert '"virtual_coils": 6' in f.attrs["coil_compression"]
+        assert f.attrs["coil_maps_source"] == "side file maps.h5"
+    bad = CliRunner().invoke(app, ["run", str(scan), "-o", str(tmp_path / "b.h5"),
+                                   "--coil-compression", "many"])
+    assert bad.exit_code == 2 and "--coil-compression 'many'" in bad.output
