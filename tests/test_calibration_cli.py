@@ -231,3 +231,30 @@ def test_evaluate_data_range_is_the_whole_volume_as_fastmri(tmp_path):
     sub = float(fm.psnr(gt[1:3], pred[1:3]))
     assert mp["volume"]["psnr"] - sub == pytest.approx(20 * np.log10(gt.max() / gt[1:3].max()))
     assert mp["volume"]["psnr"] - sub > 15
+
+
+def test_view_names_scan_slices_and_reads_only_those(tmp_path, monkeypatch):
+    from diffrecon import figures
+    from diffrecon.datasets import io
+
+    rng = np.random.default_rng(1)
+    rec = rng.uniform(0, 1, (3, 16, 16))
+    res = tmp_path / "r.h5"
+    write_result(res, rec, np.full_like(rec, 0.1), attrs={"slices": [4, 6, 9]},
+                 intervals={0.9: (rec - 0.2, rec + 0.2)})
+    assert figures.result_positions(res, [9, 4]) == ([0, 2], [4, 9])
+    assert figures.result_positions(res, None) == ([1], [6])
+    with pytest.raises(ValueError, match="scan slice 5 is not in this result, which holds "
+                                         "scan slices 4, 6, 9"):
+        figures.result_positions(res, [5])
+    reads = []
+    real = io.read_result
+    monkeypatch.setattr(io, "read_result", lambda p, index=None, samples=True: reads.append(
+        (index, samples)) or real(p, index, samples))
+    ok("view", res, "-o", tmp_path / "f.png", "--slice", 6)
+    assert reads == [([1], False)]
+    refused(cli("view", res, "-o", tmp_path / "g.png", "--slice", 0), "scan slice 0",
+            "4, 6, 9")
+    part = io.read_result(res, [2])
+    assert part.reconstruction.shape == (1, 16, 16) and list(part.intervals) == [0.9]
+    np.testing.assert_array_equal(part.intervals[0.9][1], (rec[2:] + 0.2).astype(np.float32))
