@@ -14,6 +14,9 @@ result is written atomically with its provenance. Conventions of the written res
   not depend on batching, slice selection order or the number of processes.
 * An SMC cloud whose particles descend from fewer than ``degenerate_below(N)`` initial
   particles is reported (``warnings`` of the summary): its std is not a posterior std.
+* With a calibration file (``RunOptions.calibration``, ``pipeline.calibrate``) its task is
+  checked in the plan (the prior checksum once the prior is loaded), and the result also
+  holds ``lower_<level>`` / ``upper_<level>`` computed from the stored float32 mean and std.
 """
 
 from __future__ import annotations
