@@ -30,20 +30,11 @@ import numpy as np
 from scipy import ndimage
 
 from diffrecon.datasets import phantoms
+from diffrecon.problems.normalise import reference_level  # the one intensity statistic
 from diffrecon.training import anatomy, photos, synthetic
 
 INTENSITY_REFERENCE = 0.9  # mean reference level of the training images (prior units)
 GAIN_RANGE = (0.75, 1.05)
-
-
-def reference_level(magnitude: np.ndarray) -> float:
-    """The intensity statistic that normalises images into a prior's units: the 99th
-    percentile of |x| over all pixels."""
-    try:
-        from diffrecon.problems.normalise import reference_level as level
-    except ImportError:  # until the problems package lands: the same statistic
-        return float(np.percentile(magnitude, 99))
-    return level(magnitude)
 
 
 # ----------------------------------------------------------------------------- sources

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from diffrecon import metrics
+from diffrecon.problems.normalise import intensity_reference
 from diffrecon.training import data, photos, synthetic
 
 SIGMAS = (0.02, 0.05, 0.1, 0.2, 0.5)
@@ -101,7 +102,7 @@ def denoising_report(prior, kind: str, sigmas=SIGMAS, baseline: bool = True,
     """Mean PSNR (dB) of the prior, of BM3D and of the noisy input on the (first ``limit``)
     held-out images of ``kind``, per sigma (noise std per real channel, prior units, seeded
     by (seed, image, sigma index))."""
-    reference = getattr(prior, "intensity_reference", None) or 0.9
+    reference = intensity_reference(prior)
     images = heldout_images(kind, prior.channels, reference, limit=limit)
     dev = next(prior.parameters()).device
     rows = {"sigmas": list(sigmas), "prior": [], "bm3d": [], "noisy": [],
