@@ -84,7 +84,7 @@ def calibrate(
                f"{calib.task.get('prior')}")
     for level in calib.levels:
         k = repr(level)
-        typer.echo(f"  {level:g}: scale {calib.scales[level]:.4g} x spread; coverage on the "
-                   f"calibration set {d['coverage_gaussian'][k]:.3f} (Gaussian z*std) -> "
+        typer.echo(f"  {level:g}: scale {calib.scales[level]:.4g} x spread; in-sample coverage "
+                   f"{d['coverage_gaussian'][k]:.3f} (Gaussian z*std) -> "
                    f"{d['coverage_calibrated'][k]:.3f}, mean width "
                    f"{d['width_calibrated'][k]:.4g}")
