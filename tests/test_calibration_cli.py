@@ -107,6 +107,9 @@ def test_calibrate_run_evaluate_round_trip(study, tmp_path):
         assert got["coverage_per_slice"] == want["coverage_per_slice"]
         assert got["width"] == pytest.approx(want["width"], rel=1e-12)
         assert got["std_rmse"] == pytest.approx(want["std_rmse"], rel=1e-12)
+        rmse = np.sqrt(np.mean((res.reconstruction.astype(float) - ref) ** 2, axis=(1, 2)))
+        bound = calib.rmse_bounds(res.reconstruction, res.std)[level]
+        assert got["rmse_bound_held"] == np.mean(rmse <= bound)
     # the raw std is a third of the error (the prior does not fit these phantoms): its
     # Gaussian 80 / 90% intervals cover 0.28 / 0.34 of the held-out scan; calibrated on 12
     # slices, 0.91 / 0.99 (measured; n = 12 makes them conservative)
@@ -117,7 +120,7 @@ def test_calibrate_run_evaluate_round_trip(study, tmp_path):
                               res.reconstruction + z * res.std)["coverage"]
         assert raw < 0.4 and m["coverage"][repr(level)]["coverage"] > floor
     text = ok("evaluate", out, "--reference", d / "test.h5").stdout
-    assert "0.9 interval: coverage" in text and "std/RMSE" in text
+    assert "0.9 interval: coverage" in text and "RMSE bound holds on" in text
     # view shows the interval widths, labelled by scan slice
     png = tmp_path / "v.png"
     ok("view", out, "-o", png, "--reference", d / "test.h5", "--slice", 2)

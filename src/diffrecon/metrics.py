@@ -219,7 +219,8 @@ def evaluate_file(result, reference, reference_kind: str = "auto") -> dict[str, 
     reconstruction is centre-cropped to the reference (fastMRI). Returns ``{"psnr", "ssim",
     "nmse", "per_slice", "volume", "data_range", "reference", ...}`` and, when the result
     holds calibrated intervals, ``"coverage"``: {level: :func:`coverage_report` (all
-    pixels) with ``nominal`` added}.
+    pixels) with ``nominal`` added, and ``rmse_bound_held``, the fraction of slices whose
+    RMSE is within the calibrated bound the result records (same grid only)}.
     """
     p = paired_result(result, reference, reference_kind)
     res, gt, pred, slices = p["result"], p["reference"], p["mean"], p["slices"]
@@ -233,6 +234,14 @@ def evaluate_file(result, reference, reference_kind: str = "auto") -> dict[str, 
         out["coverage"] = {
             repr(lv): {"nominal": lv, **coverage_report(gt, lo, hi, pred, p["std"])}
             for lv, (lo, hi) in sorted(p["intervals"].items())}
+        bound = np.atleast_2d(np.asarray(res.attrs.get("calibration_rmse_bound", []), float))
+        levels = np.ravel(res.attrs.get("calibration_levels", []))
+        if bound.shape == (len(levels), len(gt)) and res.reconstruction.shape == gt.shape:
+            rmse = np.sqrt(np.mean((pred - gt).reshape(len(gt), -1) ** 2, axis=1))
+            for lv, b in zip(levels, bound, strict=True):
+                if repr(float(lv)) in out["coverage"]:  # fraction of slices within the bound
+                    out["coverage"][repr(float(lv))]["rmse_bound_held"] = float(
+                        np.mean(rmse <= b))
     return out
 
 

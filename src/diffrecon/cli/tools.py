@@ -189,9 +189,11 @@ def evaluate(
                    f"NMSE {s['nmse']:.4g}")
     for c in m.get("coverage", {}).values():
         ratio = "n/a" if c.get("std_rmse") is None else f"{c['std_rmse']:.3f}"
+        held = "" if "rmse_bound_held" not in c else \
+            f"  RMSE bound holds on {c['rmse_bound_held']:.0%} of slices"
         typer.echo(f"  {c['nominal']:g} interval: coverage {c['coverage']:.4f}  width "
                    f"{c['width']:.4g} ({c['relative_width']:.3g} of the range)  "
-                   f"std/RMSE {ratio}")
+                   f"std/RMSE {ratio}{held}")
 
 
 @app.command()

@@ -146,15 +146,21 @@ def intervals(calib: C.Calibration | None, mean: np.ndarray, std: np.ndarray
     return calib.intervals(np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32))
 
 
-def provenance(calib: C.Calibration, path) -> dict[str, Any]:
-    """What a result records of the calibration it used."""
+def provenance(calib: C.Calibration, path, mean: np.ndarray, std: np.ndarray
+               ) -> dict[str, Any]:
+    """What a result records of the calibration it used, and the calibrated per-slice RMSE
+    bounds ``calibration_rmse_bound`` (levels, slices) of its float32 mean and std (scan
+    units, the result's grid)."""
     from diffrecon.datasets.io import sha256_file
 
+    bounds = calib.rmse_bounds(np.asarray(mean, dtype=np.float32),
+                               np.asarray(std, dtype=np.float32))
     return {"calibration_file": Path(path).name, "calibration_sha256": sha256_file(path),
             "calibration_method": calib.method, "calibration_unit": calib.unit,
             "calibration_levels": np.asarray(calib.levels, dtype=np.float64),
             "calibration_scales": np.asarray([calib.scales[lv] for lv in calib.levels]),
-            "calibration_floor": calib.floor}
+            "calibration_floor": calib.floor,
+            "calibration_rmse_bound": np.stack([bounds[lv] for lv in calib.levels])}
 
 
 # ------------------------------------------------------------------------------ calibrate

@@ -266,7 +266,8 @@ def write(plan: Plan, problem: Problem, solver, results: dict[int, dict[str, Any
         from . import calibrate as cal
 
         intervals = cal.intervals(plan.calibration, np.stack(rec), np.stack(sd))
-        attrs.update(cal.provenance(plan.calibration, plan.options.calibration))
+        attrs.update(cal.provenance(plan.calibration, plan.options.calibration,
+                                    np.stack(rec), np.stack(sd)))
     write_result(plan.output_path, np.stack(rec), np.stack(sd),
                  samples=np.stack(smp) if smp else None,
                  complex=np.stack(cplx) if problem.modality == "mri" else None, attrs=attrs,
