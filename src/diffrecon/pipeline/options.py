@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +31,8 @@ RESULT = "result"  # field metadata: False for options that do not change the re
 
 @dataclass(frozen=True)
 class RunOptions:
-    """Options of a reconstruction run (validated at construction; ``InputError`` names
-    the flag).
+    """Options of a reconstruction run (validated at construction, the named solver's
+    options included, before any file is read; ``InputError`` names the flag).
 
     solver, solver_options, steps: solver name (``diffrecon.recon.SOLVERS``; default
     :func:`default_solver`), option overrides (its ``Options`` fields), diffusion steps.
@@ -77,14 +78,29 @@ class RunOptions:
     overwrite: bool = field(default=False, metadata={RESULT: False})
 
     def __post_init__(self):
-        s = self.samples
-        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-            raise InputError(f"--samples {s!r} is not valid; expected an integer >= 1")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise InputError(f"--batch-size {self.batch_size} is not valid; expected an "
-                             f"integer >= 1")
-        if self.steps is not None and self.steps < 1:
-            raise InputError(f"--steps {self.steps} is not valid; expected an integer >= 1")
+        _integer("--samples", self.samples, 1)
+        _integer("--seed", self.seed, 0, SEED_MAX)
+        for flag, value, low in (("--batch-size", self.batch_size, 1), ("--steps", self.steps, 1),
+                                 ("--prior-label", self.prior_label, 0)):
+            if value is not None:
+                _integer(flag, value, low)
+        for flag, value in (("--save-samples", self.save_samples),
+                            ("--overwrite", self.overwrite),
+                            ("--trust-pickle", self.trust_pickle)):
+            if not isinstance(value, bool):
+                raise InputError(f"{flag} {value!r} is not valid; expected true or false")
+        if not isinstance(self.solver_options, dict):
+            raise InputError(f"--option {self.solver_options!r} is not valid; expected "
+                             f"NAME=VALUE pairs")
+        for flag, value in (("--solver", self.solver), ("--mask-type", self.mask_type)):
+            if value is not None and not isinstance(value, str):
+                raise InputError(f"{flag} {value!r} is not valid; expected a name")
+        if self.acceleration is not None and not _number(self.acceleration, 1, math.inf):
+            raise InputError(f"--acceleration {self.acceleration!r} is not valid; expected "
+                             f"a finite number >= 1")
+        if not (_number(self.center_fraction, 0, 1) and self.center_fraction > 0):
+            raise InputError(f"--center-fraction {self.center_fraction!r} is not valid; "
+                             f"expected a fraction in (0, 1]")
         if self.coil_maps is not None and not Path(self.coil_maps).is_file():
             raise InputError(f"--coil-maps {self.coil_maps}: no such file")
         from diffrecon.problems.mri import compression_spec
@@ -92,6 +108,8 @@ class RunOptions:
         compression_spec(self.coil_compression)  # the spelling; the count per scan
         resolve_device(self.device)
         object.__setattr__(self, "slices", parse_slices(self.slices))
+        if self.solver is not None:  # its options too, before any file is read
+            make_solver(self.solver, self)
 
     @classmethod
     def of(cls, options: RunOptions | None = None, **overrides) -> RunOptions:
@@ -114,6 +132,22 @@ class RunOptions:
                 "coil_compression": self.coil_compression}
 
 
+SEED_MAX = 2 ** 63 - 1  # seeds are stored as int64 provenance
+
+
+def _integer(flag: str, value, low: int, high: float = math.inf) -> None:
+    """InputError naming ``flag`` unless ``value`` is an int (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        rng = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+        raise InputError(f"{flag} {value!r} is not valid; expected an integer {rng}")
+
+
+def _number(value, low: float, high: float) -> bool:
+    """Whether ``value`` is a finite real number (not a bool) in [low, high]."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and low <= value <= high)
+
+
 def result_fields() -> list[str]:
     """The RunOptions fields that change a result (the resume fingerprint's)."""
     return [f.name for f in dataclasses.fields(RunOptions) if f.metadata.get(RESULT, True)]
@@ -130,11 +164,16 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     except (RuntimeError, TypeError):
         raise InputError(f"--device {device!r} is not valid; expected auto, cpu, cuda or "
                          f"cuda:INDEX") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise InputError(f"--device {device!r} is not valid; expected auto, cpu, cuda or "
                          f"cuda:INDEX")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {device}: Apple MPS is not available on this machine")
     return dev
 
 
@@ -162,7 +201,8 @@ def make_solver(name: str, options: RunOptions):
     except (ImportError, AttributeError) as exc:
         raise InputError(f"--solver {name!r} is not available in this installation "
                          f"({exc})") from exc
-    opts = dict(options.solver_options)
+    opts = {str(k): _numeric_text(cls.Options, str(k), v)
+            for k, v in options.solver_options.items()}
     fields = {f.name for f in dataclasses.fields(cls.Options)}
     if options.steps is not None:
         if "steps" not in fields:
@@ -174,7 +214,26 @@ def make_solver(name: str, options: RunOptions):
     try:
         return cls(**opts)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"solver {name!r} options {opts}: {exc}") from exc
+        raise InputError(f"--option: {exc}") from exc
+
+
+def _numeric_text(options_cls: type, name: str, value):
+    """A number written as text (YAML reads ``1e-3`` as a string) as the number, for the
+    fields of ``options_cls`` annotated int or float; anything else unchanged."""
+    import typing
+
+    hint = typing.get_type_hints(options_cls).get(name)
+    if not isinstance(value, str) or hint is None:
+        return value
+    kinds = set(typing.get_args(hint) or (hint,))
+    text = value.strip()
+    with contextlib.suppress(ValueError):
+        if int in kinds:
+            return int(text)
+    with contextlib.suppress(ValueError):
+        if float in kinds and text.lower() not in ("nan", "inf", "-inf", "infinity"):
+            return float(text)
+    return value
 
 
 def solver_option_dict(solver) -> dict[str, Any]:
@@ -201,4 +260,9 @@ def load_prior(name, device: torch.device, kind: str | None = None, config=None,
         with contextlib.suppress(Exception):
             avail = f"; available: {', '.join(priors.available())}"
         raise InputError(f"--prior {name!r} cannot be loaded ({exc}){avail}") from exc
+    except Exception as exc:  # a user's file that no reader understands is bad input
+        if not Path(name).exists():
+            raise
+        raise InputError(f"--prior {name}: not a readable checkpoint ({type(exc).__name__}: "
+                         f"{exc})") from exc
     return prior.to(device).eval()

@@ -18,7 +18,9 @@ CLI turn them into one-line input errors.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -36,7 +38,72 @@ from .common import (
     relative_residual,
 )
 from .reconstruction import Reconstruction
-from .schedules import solver_sigmas
+from .schedules import check_schedule, solver_sigmas
+
+# Ranges of numeric solver options, by name (every solver's Options share these names).
+# (low, low_inclusive, high): value must be > low (>= low when inclusive) and <= high.
+OPTION_RANGES: dict[str, tuple[float, bool, float]] = {
+    **dict.fromkeys(("steps", "batch_size", "iters", "num_particles", "chunk_size",
+                     "max_solves"), (1, True, math.inf)),
+    **dict.fromkeys(("cg_iters", "search_iters", "lam", "lam_reference", "kappa", "plateau",
+                     "zeta", "rho"), (0, True, math.inf)),  # 0: DDS = denoiser, dds3d = dds
+    **dict.fromkeys(("gamma", "sigma_min", "sigma_max", "lr", "tau", "sigma_y_floor"),
+                    (0, False, math.inf)),
+    **dict.fromkeys(("eta", "ess_threshold"), (0, True, 1.0)),
+}
+
+
+def check_options(name: str, cls: type, values: dict[str, Any]) -> None:
+    """ValueError naming the option unless each field of the Options dataclass ``cls`` that
+    ``values`` gives has its annotated type (an int where a float is expected is fine, a bool
+    is not a number), a finite value in its ``OPTION_RANGES`` range, sigma_min < sigma_max,
+    and a known ``schedule`` that takes the bounds it is given. Run when a solver is built,
+    before any data is seen (the Options' own ``__post_init__`` checks their text values)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        hint = hints.get(f.name, Any)
+        kinds = typing.get_args(hint) if typing.get_origin(hint) in (
+            typing.Union, type(int | str)) else (hint,)
+        ok = any(_is_kind(value, k) for k in kinds) if Any not in kinds else True
+        if not ok:
+            want = " or ".join(_KIND_NAMES.get(k, getattr(k, "__name__", str(k)))
+                               for k in kinds)
+            raise ValueError(f"{name}: option {f.name}={value!r} must be {want}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            low, inclusive, high = OPTION_RANGES.get(f.name, (-math.inf, True, math.inf))
+            if not (math.isfinite(value) and (value >= low if inclusive else value > low)
+                    and value <= high):
+                side = ">=" if inclusive else ">"
+                what = "an integer" if isinstance(value, int) else "a finite number"
+                rng = f"{what} {side} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+                raise ValueError(f"{name}: option {f.name}={value!r} is not valid; "
+                                 f"expected {rng}")
+    lo, hi = values.get("sigma_min"), values.get("sigma_max")
+    if lo is not None and hi is not None and not lo < hi:
+        raise ValueError(f"{name}: options sigma_min={lo!r} and sigma_max={hi!r} are not "
+                         f"valid; expected sigma_min < sigma_max")
+    if "schedule" in values:
+        try:
+            check_schedule(values["schedule"], lo, hi)
+        except ValueError as exc:
+            raise ValueError(f"{name}: option schedule: {exc}") from None
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "text", bool: "true or false",
+               type(None): "null"}
+
+
+def _is_kind(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is type(None):
+        return value is None
+    return isinstance(value, kind) if isinstance(kind, type) else True
 
 
 class CountingPrior:
@@ -143,6 +210,7 @@ class Solver:
         if unknown:
             raise ValueError(f"{self.name}: unknown option(s) {', '.join(unknown)}; "
                              f"valid: {', '.join(sorted(valid))}")
+        check_options(self.name, type(opts), {**dataclasses.asdict(opts), **overrides})
         self.options = dataclasses.replace(opts, **overrides)
 
     def __repr__(self) -> str:

@@ -312,6 +312,8 @@ class TVOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "lam", _check_lam("tv", self.lam))
+        if not self.rho > 0:  # the ADMM penalty divides (base.OPTION_RANGES allows 0)
+            raise ValueError(f"tv: option rho={self.rho!r} is not valid; expected a number > 0")
 
 
 class TVSolver(_Deterministic):

@@ -85,6 +85,21 @@ def get_schedule(name: str, steps: int, **kwargs) -> Tensor:
     return fn(steps, **kwargs)
 
 
+def check_schedule(schedule: str, sigma_min: float | None = None,
+                   sigma_max: float | None = None) -> bool:
+    """ValueError unless ``schedule`` is registered and takes the sigma bounds it is given;
+    returns whether it takes bounds (karras, geometric; "vp" is fixed by its training chain)."""
+    fn = SCHEDULES.get(schedule) if isinstance(schedule, str) else None
+    if fn is None:
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(sorted(SCHEDULES))}")
+    if "sigma_max" in inspect.signature(fn).parameters:
+        return True
+    if sigma_min is not None or sigma_max is not None:
+        raise ValueError(f"schedule {schedule!r} is fixed by its training chain; "
+                         "sigma_min / sigma_max apply only to karras and geometric")
+    return False
+
+
 def solver_sigmas(schedule: str, steps: int, prior, sigma_min: float | None,
                   sigma_max: float | None) -> Tensor:
     """Decreasing float64 sigmas (last 0) for a solver's options.
@@ -92,12 +107,7 @@ def solver_sigmas(schedule: str, steps: int, prior, sigma_min: float | None,
     Bounds default to the prior's trained range for schedules that take them (karras,
     geometric); the "vp" schedule is fixed by the discrete training chain and refuses them.
     """
-    fn = SCHEDULES.get(schedule)
-    params = inspect.signature(fn).parameters if fn is not None else {}
-    if "sigma_max" not in params:
-        if fn is not None and (sigma_min is not None or sigma_max is not None):
-            raise ValueError(f"schedule {schedule!r} is fixed by its training chain; "
-                             "sigma_min / sigma_max apply only to karras and geometric")
+    if not check_schedule(schedule, sigma_min, sigma_max):
         return get_schedule(schedule, steps)
     return get_schedule(schedule, steps,
                         sigma_min=prior.sigma_min if sigma_min is None else sigma_min,
