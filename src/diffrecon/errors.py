@@ -14,3 +14,16 @@ class InputError(ValueError):
 def as_input_error(exc: Exception, where: str) -> InputError:
     """``exc`` as an InputError: itself when it is one, else prefixed with ``where``."""
     return exc if isinstance(exc, InputError) else InputError(f"{where}: {exc}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGINT / SIGTERM). A KeyboardInterrupt, so that no
+    ``except Exception`` swallows it and atomic writers delete their temporaries; the CLI
+    prints the message as one line and exits with ``exit_code`` (128 + signal number)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name}; complete results are kept, rerun to resume")
+        self.exit_code = 128 + int(signum)

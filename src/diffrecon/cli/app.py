@@ -62,8 +62,8 @@ class OneLineErrors(TyperGroup):
             if _debug(argv):
                 traceback.print_exc()
             code = _fail(str(exc), 2)
-        except KeyboardInterrupt:
-            code = _fail("interrupted", 130)
+        except KeyboardInterrupt as exc:  # errors.Interrupted: SIGTERM 143, SIGINT 130
+            code = _fail(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
         except Exception as exc:  # noqa: BLE001 - the CLI edge
             if _debug(argv):
                 traceback.print_exc()

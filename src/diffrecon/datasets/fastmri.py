@@ -303,10 +303,60 @@ def read_mri_scan(path: str | os.PathLike, slices=None) -> MRIScan:
                         "same number of slices as 'kspace'")
             gt = gt.astype(np.complex64, copy=False)
         attrs = attrs_to_dict(f.attrs)
+        numbers = np.arange(f["kspace"].shape[0])[index if index is not None else slice(None)]
+    check_content(path, ks, maps, attrs, header, numbers)
 
     return MRIScan(kspace=ks.astype(np.complex64, copy=False), mask=mask, header=header,
                    attrs=attrs, rss=rss, coil_maps=maps, ground_truth=gt, path=path,
                    header_xml=header_xml)
+
+
+# Coil sensitivities are relative: normalised maps (ESPIRiT, fastMRI's) have a
+# root-sum-of-squares of at most about 1; far above that the SENSE normal operator overflows.
+COIL_MAPS_RSS_MAX = 1e3
+
+
+def check_content(path, kspace: np.ndarray, maps: np.ndarray | None, attrs: dict,
+                  header: dict, numbers) -> None:
+    """Degenerate but well-formed content is an ``InputError`` naming the dataset: a slice of
+    all-zero ``kspace``, a slice of all-zero ``coil_maps`` or maps whose root-sum-of-squares
+    exceeds ``COIL_MAPS_RSS_MAX``, an empty reconSpace / encodedSpace in the header, a
+    ``noise_sigma`` attribute that is not a finite number >= 0. ``numbers``: the scan slice
+    index of each row."""
+    zero = [int(k) for k, s in zip(numbers, kspace, strict=True) if not np.any(s)]
+    if zero:
+        raise InputError(f"{path}: dataset 'kspace' is all zero in slice(s) "
+                         f"{', '.join(map(str, zero[:10]))}, expected measured data")
+    if maps is not None:
+        check_coil_maps(path, maps, numbers)
+    for key, what in (("recon_size", "reconSpace"), ("encoding_size", "encodedSpace")):
+        size = header.get(key)
+        if size is not None and not all(v >= 1 for v in size[:2]):
+            raise InputError(f"{path}: dataset 'ismrmrd_header' {what} matrixSize is "
+                             f"{size[0]} x {size[1]}, expected at least 1 x 1")
+    if "noise_sigma" in attrs:
+        v = attrs["noise_sigma"]
+        if not (isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
+                and v >= 0):
+            raise InputError(f"{path}: attribute 'noise_sigma' is {v!r}, expected a finite "
+                             f"number >= 0 (the k-space noise std)")
+
+
+def check_coil_maps(path, maps: np.ndarray, numbers, name: str = "coil_maps") -> None:
+    """``InputError`` naming dataset ``name`` for a slice of all-zero coil maps or maps whose
+    root-sum-of-squares over coils exceeds ``COIL_MAPS_RSS_MAX`` (maps (slices, coils, kx,
+    ky); single-coil maps (slices, kx, ky) are checked as one coil)."""
+    for k, m in zip(numbers, maps, strict=True):
+        mag = np.abs(m.astype(np.complex128))
+        rss = np.sqrt((mag ** 2).sum(axis=0)) if m.ndim == 3 else mag
+        peak = float(rss.max())
+        if peak == 0:
+            raise InputError(f"{path}: dataset '{name}' is all zero in slice {int(k)}, "
+                             f"expected coil sensitivities")
+        if not peak <= COIL_MAPS_RSS_MAX:
+            raise InputError(f"{path}: dataset '{name}' reaches a root-sum-of-squares of "
+                             f"{peak:.3g} in slice {int(k)}, expected normalised sensitivities "
+                             f"(about 1, at most {COIL_MAPS_RSS_MAX:g})")
 
 
 def write_mri_scan(path: str | os.PathLike, scan: MRIScan) -> Path:

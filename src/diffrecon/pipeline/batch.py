@@ -3,15 +3,19 @@ sharding (files round-robin over ranks, or one file's slices)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import signal
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffrecon.errors import InputError
+from diffrecon.errors import InputError, Interrupted
 
 from .options import RunOptions
 from .run import Progress, reconstruct_file
@@ -132,12 +136,47 @@ def failure(exc: Exception) -> tuple:
     return ("error", "internal", f"{type(exc).__name__}: {exc}")
 
 
+@contextlib.contextmanager
+def warnings_unless_failed() -> Iterator[None]:
+    """Within: the warnings raised (numpy / sigpy RuntimeWarnings, ...) are held back, then
+    re-issued when the block completes and dropped when it raises, so that a failure is
+    reported by its one error line alone."""
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
 def guard(fn, *args, **kwargs) -> tuple:
     """('ok', fn(...)) or the :func:`failure` record of its exception."""
     try:
         return ("ok", fn(*args, **kwargs))
     except Exception as exc:  # noqa: BLE001 - re-raised after the collective
         return failure(exc)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within: SIGTERM (and SIGINT) raise ``errors.Interrupted`` in the main thread, so that
+    the run stops at once, the result being written loses its temporary file (atomic_h5) and
+    the CLI exits 143 (130) with one line; complete results stay, a rerun resumes. Handlers a
+    caller installed are left alone; outside the main thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+            previous[sig] = signal.signal(sig, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
 
 
 def reconstruct_many(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
@@ -158,28 +197,35 @@ def reconstruct_many(inputs: Sequence[str | os.PathLike], output: str | os.PathL
     files = collect_inputs(inputs)
     targets = output_paths(inputs, files, Path(output))
     rank, world, owned = init_distributed()
-    try:
-        if world > 1 and len(files) == 1:
-            records = [_sharded_file(files[0], targets[0], opts, progress, rank, world)]
-        else:
-            local = []
-            for i, (f, target) in enumerate(zip(files, targets, strict=True)):
-                if i % world != rank:
-                    continue
-                try:  # a failing file does not stop the others
-                    local.append((i, ("ok", reconstruct_file(f, target, opts,
-                                                             progress=progress))))
-                except Exception as exc:  # noqa: BLE001 - reported at the end
-                    local.append((i, failure(exc)))
-            if world > 1:
-                gathered: list = [None] * world
-                torch.distributed.all_gather_object(gathered, local)
-                local = [item for part in gathered for item in part]
-            records = [r for _, r in sorted(local, key=lambda t: t[0])]
-    finally:
-        if owned:  # barrier first: a rank tearing gloo down while its peer is still inside
-            torch.distributed.barrier()  # the last collective aborts the peer (SIGABRT)
-            torch.distributed.destroy_process_group()
+    with stop_on_signals():
+        stopped = False
+        try:
+            if world > 1 and len(files) == 1:
+                records = [_sharded_file(files[0], targets[0], opts, progress, rank, world)]
+            else:
+                local = []
+                for i, (f, target) in enumerate(zip(files, targets, strict=True)):
+                    if i % world != rank:
+                        continue
+                    try:  # a failing file does not stop the others
+                        with warnings_unless_failed():
+                            local.append((i, ("ok", reconstruct_file(f, target, opts,
+                                                                     progress=progress))))
+                    except Exception as exc:  # noqa: BLE001 - reported at the end
+                        local.append((i, failure(exc)))
+                if world > 1:
+                    gathered: list = [None] * world
+                    torch.distributed.all_gather_object(gathered, local)
+                    local = [item for part in gathered for item in part]
+                records = [r for _, r in sorted(local, key=lambda t: t[0])]
+        except Interrupted:
+            stopped = True
+            raise
+        finally:
+            if owned:  # barrier first: a rank tearing gloo down while its peer is still inside
+                if not stopped:  # the last collective aborts the peer (SIGABRT)
+                    torch.distributed.barrier()
+                torch.distributed.destroy_process_group()
     errors = [r for r in records if r[0] == "error"]
     if errors:
         n = f" ({len(errors)} of {len(records)} inputs failed)" if len(records) > 1 else ""
@@ -226,7 +272,8 @@ def _sharded_file(path: Path, out: Path, options: RunOptions, progress, rank: in
     """One file under torchrun: rank r solves slices r::world, rank 0 writes the result;
     every rank returns rank 0's record."""
     shard = SliceShard(rank, world)
-    record = guard(reconstruct_file, path, out, options, progress=progress, shard=shard)
+    with warnings_unless_failed():
+        record = guard(reconstruct_file, path, out, options, progress=progress, shard=shard)
     if not shard.gathered:  # skipped or failed before solving: still take part
         record = next((p for p in shard.exchange(record) if p[0] == "error"), record)
     box = [record]

@@ -163,6 +163,7 @@ def reconstruct_file(input_path, output_path, options: RunOptions | None = None,
                 raise as_input_error(exc, plan.input_path.name) from exc
         results[k] = slice_result(rec, problem.normalisers[j], opts.save_samples,
                                   None if problem.supports is None else problem.supports[j])
+        check_slice_result(plan.input_path.name, k, results[k])
         _emit(progress, event="slice", slice=k)
     if shard is not None:
         results = shard.gather(results)
@@ -179,6 +180,23 @@ def maps_cache(output_path: Path) -> Path:
     """The directory next to a result where ESPIRiT coil maps are cached for later runs
     (``problems.mri.cached_maps``: keyed by the input's checksum, slice and parameters)."""
     return output_path.parent / ".diffrecon-cache"
+
+
+def check_slice_result(name: str, k: int, result: dict[str, Any]) -> None:
+    """The last guard before a result is written: ``InputError`` (nothing is written) when
+    slice ``k``'s mean, std or draws are empty or hold NaN / Inf (degenerate data or
+    options the checks before the solve did not catch)."""
+    for key in ("mean", "std", "draws"):
+        arr = result.get(key)
+        if arr is None:
+            continue
+        if arr.size == 0:
+            raise InputError(f"{name}: slice {k}: the reconstruction's {key} is empty (shape "
+                             f"{arr.shape}); nothing written")
+        bad = int(arr.size - np.isfinite(arr).sum())
+        if bad:
+            raise InputError(f"{name}: slice {k}: the reconstruction's {key} has {bad} NaN or "
+                             f"Inf values (degenerate data or solver options); nothing written")
 
 
 def smaller_batches(solver, name: str, progress: Progress | None):
@@ -227,6 +245,8 @@ def write(plan: Plan, problem: Problem, solver, results: dict[int, dict[str, Any
     per = [results[k] for k in order]
     rec, cplx = zip(*(problem.scan_image(r["mean"]) for r in per), strict=True)
     sd = [problem.scan_image(r["std"], std=True)[0] for r in per]
+    for k, m, s in zip(order, rec, sd, strict=True):  # on the scan grid (reconSpace crop)
+        check_slice_result(plan.input_path.name, k, {"mean": m, "std": s})
     smp = [np.stack([problem.scan_image(d)[0] for d in r["draws"]]) for r in per
            if r["draws"] is not None]
     nfe = [r["nfe"] for r in per]

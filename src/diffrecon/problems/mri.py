@@ -446,6 +446,9 @@ def read_coil_maps(path, slice_shape, sel) -> np.ndarray:
         maps = maps[[rows.index(where[k]) for k in sel]]
     check_shape(path, "coil_maps", maps.shape[1:], tuple(slice_shape),
                 "(coils, kx, ky) of the scan's 'kspace'")
+    from diffrecon.datasets.fastmri import check_coil_maps
+
+    check_coil_maps(path, maps, sel)  # all-zero or absurdly scaled maps (issue 18)
     return maps.astype(np.complex64)
 
 
