@@ -38,8 +38,19 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+class _Stopped(Exception):  # noqa: N818 - carries (message, exit code)
+    """A KeyboardInterrupt (Ctrl-C, or ``errors.Interrupted`` for SIGTERM) carried past
+    typer, which would turn it into a silent exit 130."""
+
+
 class OneLineErrors(TyperGroup):
     """Top-level group: maps every failure to one stderr line and an exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:  # errors.Interrupted: SIGTERM 143, SIGINT 130
+            raise _Stopped(str(exc) or "interrupted", getattr(exc, "exit_code", 130)) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
              **extra):
@@ -62,8 +73,10 @@ class OneLineErrors(TyperGroup):
             if _debug(argv):
                 traceback.print_exc()
             code = _fail(str(exc), 2)
-        except KeyboardInterrupt as exc:  # errors.Interrupted: SIGTERM 143, SIGINT 130
-            code = _fail(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
+        except _Stopped as exc:
+            code = _fail(*exc.args)
+        except KeyboardInterrupt:
+            code = _fail("interrupted", 130)
         except Exception as exc:  # noqa: BLE001 - the CLI edge
             if _debug(argv):
                 traceback.print_exc()
