@@ -28,3 +28,14 @@ def test_denoises_held_out_anatomy_as_its_card_says(name, floor_db):
     rep = denoising_report(priors.load(name), "anatomy", sigmas=(0.1,), baseline=False, limit=2)
     assert rep["prior"][0] > floor_db, rep
     assert rep["prior"][0] > rep["noisy"][0] + 10
+
+
+def test_default_run_is_dds_with_the_pipeline_step_count():
+    from diffrecon.pipeline.options import DEFAULT_STEPS, RunOptions, default_solver, make_solver
+
+    name = default_solver("mri")
+    assert name == "dds" and DEFAULT_STEPS["dds"] == 100
+    assert make_solver(name, RunOptions()).options.steps == 100
+    assert make_solver(name, RunOptions(steps=7)).options.steps == 7
+    assert make_solver(name, RunOptions(solver_options={"steps": 9})).options.steps == 9
+    assert make_solver("dps", RunOptions()).options.steps != 100  # the others keep theirs
