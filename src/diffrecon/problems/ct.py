@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .normalise import scan_normaliser
 from diffrecon.operators._common import with_noise_sigma
 
+from .normalise import scan_normaliser
 from .problem import Problem
 
 
