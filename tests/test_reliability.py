@@ -430,3 +430,16 @@ def test_signal_stops_with_one_line_and_the_rerun_resumes(tmp_path, sig, code):
     assert rerun.returncode == 0
     assert {n: _sha(out / n) for n in done} == kept  # complete results are not redone
     assert _arrays(out) == _arrays(ref) and len(_arrays(ref)) == 15
+
+
+def test_one_input_with_an_output_ending_in_a_separator_writes_into_that_directory(tmp_path):
+    """`-o results/` (trailing slash) with one scan means a directory, as for several scans;
+    it was taken as the result FILE 'results'."""
+    from diffrecon.pipeline.batch import output_paths
+
+    scan = tmp_path / "scan.h5"
+    scan.write_bytes(b"")
+    targets = output_paths([scan], [scan], str(tmp_path / "results") + "/")
+    assert targets == [tmp_path / "results" / "scan_recon.h5"]
+    assert (tmp_path / "results").is_dir()
+    assert output_paths([scan], [scan], tmp_path / "one.h5") == [tmp_path / "one.h5"]

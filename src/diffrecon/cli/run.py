@@ -30,9 +30,10 @@ def run(
     ctx: typer.Context,
     inputs: Annotated[list[Path], typer.Argument(
         help="Scan files and/or directories of .h5 scans.", show_default=False)],
-    output: Annotated[Path, typer.Option(
+    output: Annotated[str, typer.Option(
         "-o", "--output", help="Result file for one input; a directory (created) for several "
-                               "inputs or a directory input (results <stem>_recon.h5).")],
+                               "inputs, a directory input or a path ending in '/' (results "
+                               "<stem>_recon.h5).")],
     solver: Annotated[str | None, typer.Option(
         "--solver", help="Solver: dds, dps, reddiff, smc (diffusion) or zero-filled, "
                          "cg-sense, fbp, l1-wavelet, tv (classical). Default: dds when the "

@@ -65,13 +65,16 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def output_paths(inputs: Sequence[str | os.PathLike], files: list[Path], output: Path
-                 ) -> list[Path]:
-    """Result path per input file: ``output`` itself for one input file, else
+def output_paths(inputs: Sequence[str | os.PathLike], files: list[Path],
+                 output: str | os.PathLike) -> list[Path]:
+    """Result path per input file: ``output`` itself for one input file, else (or when
+    ``output`` is a directory or ends with a path separator, 'results/')
     ``output/<stem>_recon.h5`` (the directory is created). Checked before any work, whatever
     ``--overwrite`` says: no result path may be (or replace) an input of the run, and no two
     inputs may share a result path (``InputError`` naming both)."""
-    many = len(files) > 1 or Path(inputs[0]).is_dir() or output.is_dir()
+    as_dir = str(output).endswith(("/", os.sep))
+    output = Path(output)
+    many = len(files) > 1 or Path(inputs[0]).is_dir() or output.is_dir() or as_dir
     if not many:
         targets = [output]
     else:
@@ -195,7 +198,7 @@ def reconstruct_many(inputs: Sequence[str | os.PathLike], output: str | os.PathL
     """
     opts = RunOptions.of(options, **overrides)
     files = collect_inputs(inputs)
-    targets = output_paths(inputs, files, Path(output))
+    targets = output_paths(inputs, files, output)
     rank, world, owned = init_distributed()
     with stop_on_signals():
         stopped = False
