@@ -1,9 +1,14 @@
-"""Shared test fixtures: one torch thread on the shared CPU, and a small exact image prior.
+"""Shared test fixtures: one torch thread on the shared CPU, a small exact image prior, and
+the published-checkpoint fixture files (``files``).
 
 A module opts in to the thread fixture with ``pytestmark = pytest.mark.usefixtures(
 "one_thread")``."""
 
 from __future__ import annotations
+
+import lzma
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +49,20 @@ def ellipse_gmm():
 
     imgs = torch.from_numpy(phantom_batch("ellipses", 32, range(4))).to(torch.float64)[:, None]
     return imgs, FlatGMM(imgs, variance=1e-3)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """``files(name)``: path of the decompressed ``tests/fixtures/checkpoints/<name>.xz``,
+    decompressed once per module (its sha256 is what the official code wrote)."""
+    fixtures = Path(__file__).parent / "fixtures" / "checkpoints"
+    root = tmp_path_factory.mktemp("released")
+
+    def get(name: str) -> Path:
+        dst = root / name
+        if not dst.exists():
+            with lzma.open(fixtures / f"{name}.xz") as f, open(dst, "wb") as g:
+                shutil.copyfileobj(f, g)
+        return dst
+
+    return get

@@ -23,13 +23,7 @@ EDM_ARCH = dict(img_resolution=16, in_channels=1, out_channels=1, model_channels
                 channel_mult=(1,), num_blocks=1, attn_resolutions=(16,), dropout=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convolutions are ~50x slower with 2 threads on the shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions
 
 
 def _randomise(net, seed=0):

@@ -12,7 +12,6 @@ import hashlib
 import json
 import lzma
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest
@@ -28,27 +27,7 @@ FIX = Path(__file__).parent / "fixtures" / "checkpoints"
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """Decompress a fixture once per module; its sha256 is what the official code wrote."""
-    root = tmp_path_factory.mktemp("released")
-
-    def get(name: str) -> Path:
-        dst = root / name
-        if not dst.exists():
-            with lzma.open(FIX / f"{name}.xz") as f, open(dst, "wb") as g:
-                shutil.copyfileobj(f, g)
-        return dst
-
-    return get
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions
 
 
 def _expected(name):

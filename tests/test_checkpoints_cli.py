@@ -5,7 +5,6 @@ ORIGINAL code's D(x, sigma) (fixtures: tests/fixtures/checkpoints/NOTES.md)."""
 
 import json
 import lzma
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,26 +21,7 @@ FIX = Path(__file__).parent / "fixtures" / "checkpoints"
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("released")
-
-    def get(name: str) -> Path:
-        dst = root / name
-        if not dst.exists():
-            with lzma.open(FIX / f"{name}.xz") as f, open(dst, "wb") as g:
-                shutil.copyfileobj(f, g)
-        return dst
-
-    return get
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions
 
 
 def cli(args, code=0):
