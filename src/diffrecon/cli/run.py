@@ -65,7 +65,8 @@ def run(
                                "`diffrecon convert-prior` makes a safe copy once.")
                             ] = D.trust_pickle,
     steps: Annotated[int | None, typer.Option(
-        "--steps", help="Diffusion / iteration steps (default: the solver's own).",
+        "--steps", help="Diffusion / iteration steps (default: 100 for dds, "
+                        "pipeline.options.DEFAULT_STEPS; else the solver's own).",
         show_default=False)] = D.steps,
     samples: Annotated[int, typer.Option("--samples", help="Posterior samples per slice "
                                          "(>1 gives a meaningful std map).")] = D.samples,

@@ -32,7 +32,7 @@ from .common import (
     RowNoise,
     make_generators,
     measurement_entropy,
-    noise_normalised_residual,
+    noise_chi,
     noise_sigma,
     physics_in_dtype,
     relative_residual,
@@ -243,9 +243,9 @@ class Solver:
         rec = self._combine(draws, ctx, y.shape[0])
         rec.info = {**self._info(ctx, self._chains(num_samples, y.shape[0]), t0), **rec.info}
         with torch.no_grad():
-            rec.info["residual"] = relative_residual(physics, rec.mean, y).tolist()
-            rec.info["noise_chi"] = noise_normalised_residual(physics, rec.mean, y,
-                                                              ctx.sigma_y).tolist()
+            relative = relative_residual(physics, rec.mean, y)
+            rec.info["residual"] = relative.tolist()
+            rec.info["noise_chi"] = noise_chi(relative, y, ctx.sigma_y).tolist()
         if out_dtype != y.dtype:
             for name in ("samples", "mean", "std", "particles"):
                 value = getattr(rec, name)

@@ -250,16 +250,17 @@ def relative_residual(physics, x: Tensor, y: Tensor) -> Tensor:
     return r.norm(dim=1) / norm
 
 
-def noise_normalised_residual(physics, x: Tensor, y: Tensor, sigma: float) -> Tensor:
-    """Prior-fit statistic chi = ||A(x_b) - y_b|| / (sigma sqrt(m_b)) of each row, (B,), m_b
-    the number of nonzero entries of y_b (the sampled ones for masked k-space). A posterior
-    mean that fits the data as well as the truth does has chi <= ~1; chi >> 1 means no image
-    the prior favours explains the measurements (or sigma is underestimated). NaN when
-    sigma is 0."""
-    r = (physics.A(x.to(y.dtype)) - y).reshape(y.shape[0], -1)
-    m = (y.reshape(y.shape[0], -1) != 0).sum(dim=1).clamp_min(1).to(r.real.dtype)
+def noise_chi(relative: Tensor, y: Tensor, sigma: float) -> Tensor:
+    """Prior-fit statistic chi = ||A(x_b) - y_b|| / (sigma sqrt(m_b)) of each row, (B,), from
+    the row's ``relative_residual`` (so A is applied once for both), m_b the number of
+    nonzero entries of y_b (the sampled ones for masked k-space). A posterior mean that fits
+    the data as well as the truth does has chi <= ~1; chi >> 1 means no image the prior
+    favours explains the measurements (or sigma is underestimated). NaN when sigma is 0."""
+    flat = y.reshape(y.shape[0], -1)
+    norm = flat.norm(dim=1).clamp_min(torch.finfo(y.dtype).tiny)  # as relative_residual
+    m = (flat != 0).sum(dim=1).clamp_min(1).to(norm.dtype)
     scale = sigma * m.sqrt() if sigma > 0 else torch.full_like(m, float("nan"))
-    return r.norm(dim=1) / scale
+    return relative * norm / scale
 
 
 def noise_sigma(physics) -> float:
