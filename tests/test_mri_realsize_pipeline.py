@@ -15,6 +15,7 @@ import torch
 from diffrecon.errors import InputError
 from diffrecon.problems import load_problem
 from diffrecon.problems import mri as M
+from diffrecon.problems import mri_coils as MC
 
 N = 48  # reconSpace N x N; k-space readout 2N (2x oversampled), ky N
 
@@ -129,8 +130,8 @@ def test_espirit_cached_per_slice_and_reused(tmp_path, monkeypatch):
     assert first.meta["espirit_cache"] == "0 of 1 slices reused"
     assert len(list(cache.glob("espirit-*.h5"))) == 1
     calls = []
-    real = M.espirit_slice
-    monkeypatch.setattr(M, "espirit_slice", lambda *a: calls.append(1) or real(*a))
+    real = MC.espirit_slice
+    monkeypatch.setattr(MC, "espirit_slice", lambda *a: calls.append(1) or real(*a))
     again = load_problem(path, None, [0, 1], maps_cache=cache)
     assert again.meta["espirit_cache"] == "1 of 2 slices reused" and len(calls) == 1
     maps_first = first.physics[0].coil_maps if hasattr(first.physics[0], "coil_maps") else None

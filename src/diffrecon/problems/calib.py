@@ -11,13 +11,13 @@ import numpy as np
 
 from diffrecon.errors import InputError
 
-from .mri import estimate_maps
+from .mri_coils import estimate_maps
 
 
 def calibrate_file(scan_path, output=None, *, overwrite: bool = False,
                    slices=None) -> dict[str, Any]:
     """ESPIRiT coil maps for every slice (or the ``slices``: list, int or '0,2,5-7') of a
-    multi-coil MRI scan, on the coarse calibration grid (``problems.mri.estimate_maps``).
+    multi-coil MRI scan, on the coarse calibration grid (``problems.mri_coils.estimate_maps``).
 
     ``output`` None: the maps are added to the scan itself as ``coil_maps`` (the file is
     rewritten atomically: its datasets and attributes copied into a temporary file, the maps

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from .mri import acs_width, kspace_noise_sigma
+from .mri import kspace_noise_sigma
+from .mri_coils import acs_width
 
 
 def describe_file(path) -> dict[str, Any]:
