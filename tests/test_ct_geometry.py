@@ -150,7 +150,7 @@ def test_angle_and_geometry_validation():
     with pytest.raises(InputError, match="angle_range"):
         ct(32, views=10, angle_range=180.0)
     base = {**FAN, "views": 8}
-    for key, value, word in [("source_to_detector_mm", 90.0, "exceed"),
+    for key, value, word in [("source_to_detector_mm", 90.0, "more than"),
                              ("source_to_isocentre_mm", 20.0, "half-diagonal"),
                              ("detector_spacing_mm", 0.0, "detector_spacing_mm"),
                              ("pixel_size_mm", -1.0, "pixel_size_mm")]:

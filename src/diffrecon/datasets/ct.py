@@ -57,7 +57,7 @@ from diffrecon.datasets.io import (
     write_attrs,
 )
 from diffrecon.errors import InputError
-from diffrecon.operators.ct import check_angles
+from diffrecon.operators.ct import check_angles, check_fan_distances
 
 GEOMETRIES = ("parallel", "fan")
 UNITS = ("1/pixel", "1/mm")
@@ -229,14 +229,7 @@ def _check_attrs(path, attrs: dict[str, Any], n_det: int, gt) -> None:
         _choice(path, attrs, "detector_shape", DETECTOR_SHAPES, None)
         dso, dsd, _ = (_number(path, attrs, key, "a positive number (mm)", lambda v: v > 0)
                        for key in FAN_ATTRS[:3])
-        if not dsd > dso:
-            raise InputError(f"{path}: attribute 'source_to_detector_mm' is {dsd!r}, expected "
-                             f"more than 'source_to_isocentre_mm' ({dso!r})")
-        radius = np.sqrt(2) * size / 2 * pixel
-        if not dso > radius:
-            raise InputError(f"{path}: attribute 'source_to_isocentre_mm' is {dso!r}, expected "
-                             f"more than the image half-diagonal {radius:.4g} mm (source "
-                             f"outside the field of view)")
+        check_fan_distances(int(size), dso, dsd, pixel, f"{path}: attribute")
     if gt is not None and size is not None and gt.shape[1:] != (int(size),) * 2:
         raise InputError(f"{path}: dataset 'ground_truth' has shape {gt.shape}, expected "
                          f"(slices, {int(size)}, {int(size)}) (attribute 'image_size')")

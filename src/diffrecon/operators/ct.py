@@ -373,18 +373,28 @@ def _fan_geometry(n, dso, dsd, du, pixel, detector, step) -> dict:
     if detector not in DETECTORS:
         raise InputError(f"ct: detector must be one of {', '.join(DETECTORS)}, got "
                          f"{detector!r}.")
-    if not dsd > dso:
-        raise InputError(f"ct: source_to_detector_mm ({dsd}) must exceed "
-                         f"source_to_isocentre_mm ({dso}).")
-    radius_mm = math.sqrt(2) * n / 2 * pixel
-    if not dso > radius_mm:
-        raise InputError(f"ct: source_to_isocentre_mm ({dso}) must exceed the image's "
-                         f"half-diagonal ({radius_mm:.4g} mm = sqrt(2) N pixel_size_mm / 2).")
+    check_fan_distances(n, dso, dsd, pixel, "ct:")
     return {"geometry": "fan", "detector": detector,
             "source_to_isocentre_mm": float(dso), "source_to_detector_mm": float(dsd),
             "detector_spacing_mm": float(du), "pixel_size_mm": float(pixel),
             "dso_px": float(dso) / pixel, "dsd_px": float(dsd) / pixel,
             "du_px": float(du) / pixel, "step": float(step)}
+
+
+def check_fan_distances(n: int, dso: float, dsd: float, pixel: float, where: str) -> None:
+    """The fan-beam distances of an N x N image with ``pixel`` mm pixels: source-to-detector
+    more than source-to-isocentre, and the source outside the image's circumscribed circle
+    (source-to-isocentre more than the half-diagonal sqrt(2) N pixel / 2). Raises
+    ``InputError`` naming the distance, its message prefixed with ``where`` ("ct:", or a
+    scan file's "PATH: attribute")."""
+    if not dsd > dso:
+        raise InputError(f"{where} 'source_to_detector_mm' is {dsd!r}, expected more than "
+                         f"'source_to_isocentre_mm' ({dso!r})")
+    radius = math.sqrt(2) * n / 2 * pixel
+    if not dso > radius:
+        raise InputError(f"{where} 'source_to_isocentre_mm' is {dso!r}, expected more than "
+                         f"the image half-diagonal {radius:.4g} mm (source outside the field "
+                         f"of view)")
 
 
 def _fan_detectors(n: int, geo: dict) -> int:
