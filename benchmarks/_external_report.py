@@ -24,7 +24,9 @@ def row_label(r: dict[str, Any]) -> str:
         opts = options_of(r)
         steps = f" {opts['steps']}" if "steps" in opts else ""
         prior = f", {prov['prior']}" if prov.get("prior", "none") != "none" else ""
-        return f"default ({prov.get('solver', '?')}{steps}{prior})"
+        draws = int(prov.get("num_samples", 1))
+        mean = f", mean of {draws} draws" if draws > 1 else ""
+        return f"default ({prov.get('solver', '?')}{steps}{mean}{prior})"
     if "oracle" in r:
         (k, v), = r["oracle"].items()
         missing = f"; {k}={','.join(r['partial'])} failed / not run" if r.get("partial") else ""

@@ -83,6 +83,8 @@ def cli_args(row: Row, ctx: Context, extra: tuple[tuple[str, Any], ...] = ()) ->
         args += ["--solver", row.solver]
         if row.steps is not None:
             args += ["--steps", str(row.steps)]
+        if row.family == "diffusion":  # one draw per slice (the default run may average more)
+            args += ["--samples", "1"]
         if row.family == "diffusion" and ctx.prior:
             args += ["--prior", ctx.prior]
     for k, v in (*row.options, *extra):
@@ -140,7 +142,8 @@ def run_config(ctx: Context, task: Task, row: Row, key: str,
         slices += score(rec, ctx.truths[gkey])
         secs += float(attrs.get("wall_time_s", math.nan)) + calib_s * len(group.images)
         prov = {k: attrs[k] for k in ("solver", "solver_options", "prior", "prior_sha256",
-                                      "diffrecon_version", "device") if k in attrs}
+                                      "diffrecon_version", "device", "num_samples")
+                if k in attrs}
     result = {"row": key, "slices": slices, "s_per_slice": secs / len(slices),
               "cli_wall_s": time.perf_counter() - t_cli, "provenance": prov,
               "args": cli_args(row, ctx, extra)}
@@ -296,11 +299,12 @@ def run_external(ctx: Context, task: Task, row: Row) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ one task
 def same_as_default(row: Row, base: dict[str, Any], prior: str | None) -> bool:
-    """True when ``row`` would repeat the default run (same solver, steps, prior)."""
+    """True when ``row`` would repeat the default run (same solver, steps, prior, one draw)."""
     if row.family != "diffusion" or row.options or prior or "error" in base:
         return False
-    return (base.get("provenance", {}).get("solver") == row.solver
-            and options_of(base).get("steps") == row.steps)
+    prov = base.get("provenance", {})
+    return (prov.get("solver") == row.solver and options_of(base).get("steps") == row.steps
+            and int(prov.get("num_samples", 1)) == 1)
 
 
 def run_row(ctx: Context, task: Task, row: Row, done: dict[str, dict], quick: bool
