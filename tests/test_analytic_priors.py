@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from diffrecon.errors import InputError
 from diffrecon.operators import matrix
 from diffrecon.priors.analytic import (
     Gaussian,
@@ -218,5 +217,5 @@ def test_sliced_wasserstein_and_weight_tv():
     assert float(mixture_weight_tv(s1, post)) < 0.05
     prior_draws = prior.sample(2000, generator=g)
     assert float(mixture_weight_tv(prior_draws, post)) > 0.2
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         sliced_wasserstein(s1, s2[:10])

@@ -197,3 +197,40 @@ def test_usage_errors_one_line(tmp_path):
                                                            "--size", "abc"]):
         res = runner.invoke(app, args)
         check_one_line_error(res)
+
+
+def test_library_errors_are_plain_and_the_edges_name_the_file(tmp_path):
+    """Operators and prior adapters raise ValueError / TypeError naming the parameter, not
+    the CLI's InputError; the edges (scan readers, load_problem, the simulators) turn what a
+    file or a flag makes them refuse into one line naming the file, exit 2."""
+    import torch
+
+    from diffrecon.operators import blur, ct, mri, superres
+    from diffrecon.priors.adapters import VEScorePrior, VPEpsPrior
+
+    for call, name in [(lambda: blur("gaussian", boundary="zeros"), "boundary"),
+                       (lambda: ct(24, views=8, n_detectors=35), "n_detectors"),
+                       (lambda: superres(3, img_size=(1, 48, 48)), "factor"),
+                       (lambda: VPEpsPrior(torch.nn.Identity(), timestep="round"), "timestep"),
+                       (lambda: VEScorePrior(torch.nn.Identity(), output="eps"), "output")]:
+        with pytest.raises(ValueError, match=name) as err:
+            call()
+        assert type(err.value) is ValueError
+    with pytest.raises(TypeError, match="mask"):
+        mri(object())
+    # a superres scan whose image size the factor does not divide: the operator refuses it
+    path = tmp_path / "sr.h5"
+    with h5py.File(path, "w") as f:
+        f["measurement"] = np.zeros((1, 1, 12, 12), np.float32)
+        f.attrs.update({"operator": "superres", "factor": 4, "image_size": [50, 50]})
+    out = tmp_path / "o.h5"
+    res = runner.invoke(app, ["run", str(path), "-o", str(out), "--solver", "tv"])
+    check_one_line_error(res, [out])
+    assert "sr.h5: superres: img_size" in res.stderr and "divisible by factor 4" in res.stderr
+    # a fan-beam source inside the 16 x 16 mm image's circumscribed circle
+    out = tmp_path / "ct.h5"
+    res = runner.invoke(app, ["simulate", "ct", "-o", str(out), "--size", "16", "--slices",
+                              "1", "--geometry", "fan", "--source-to-isocentre", "10",
+                              "--source-to-detector", "20"])
+    check_one_line_error(res, [out])
+    assert "simulate: ct: 'source_to_isocentre_mm' is 10.0" in res.stderr

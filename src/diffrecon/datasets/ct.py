@@ -120,7 +120,7 @@ class CTScan:
             return ct(self.image_size, angles=np.asarray(self.angles),
                       n_detectors=int(self.sinogram.shape[-1]), noise_sigma=sigma,
                       device=device, dtype=dtype or torch.float32, **kwargs)
-        except InputError as exc:
+        except ValueError as exc:  # the operator's checks (an InputError is one too)
             where = self.path if self.path is not None else "CT scan"
             raise InputError(f"{where}: attributes do not define a valid CT operator "
                              f"({exc})") from exc
@@ -173,7 +173,10 @@ def read_ct_scan(path: str | os.PathLike, slices=None) -> CTScan:
         angles = read_array(f, "angles", kinds="fiu", ndim=1)
         check_shape(path, "angles", angles.shape, (sino.shape[1],),
                     "one angle per row of 'sinogram' (slices, angles, detectors)")
-        check_angles(angles, f"{path}: dataset 'angles'")
+        try:
+            check_angles(angles, f"{path}: dataset 'angles'")
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
         gt = read_array(f, "ground_truth", kinds="f", ndim=3, required=False, index=index)
         attrs = attrs_to_dict(f.attrs)
     if gt is not None:
@@ -229,7 +232,10 @@ def _check_attrs(path, attrs: dict[str, Any], n_det: int, gt) -> None:
         _choice(path, attrs, "detector_shape", DETECTOR_SHAPES, None)
         dso, dsd, _ = (_number(path, attrs, key, "a positive number (mm)", lambda v: v > 0)
                        for key in FAN_ATTRS[:3])
-        check_fan_distances(int(size), dso, dsd, pixel, f"{path}: attribute")
+        try:
+            check_fan_distances(int(size), dso, dsd, pixel, f"{path}: attribute")
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
     if gt is not None and size is not None and gt.shape[1:] != (int(size),) * 2:
         raise InputError(f"{path}: dataset 'ground_truth' has shape {gt.shape}, expected "
                          f"(slices, {int(size)}, {int(size)}) (attribute 'image_size')")

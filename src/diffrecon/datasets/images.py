@@ -45,7 +45,7 @@ from diffrecon.datasets.io import (
     slice_selection,
     write_attrs,
 )
-from diffrecon.errors import InputError
+from diffrecon.errors import InputError, as_input_error
 
 OPERATORS = ("blur", "superres", "inpaint")
 KERNEL_TYPES = ("gaussian", "motion", "uniform", "custom")
@@ -193,7 +193,11 @@ def read_image_scan(path: str | os.PathLike, slices=None) -> ImageScan:
                      image=None if x is None else x.astype(np.float32, copy=False),
                      kernel=kernel, mask=mask, attrs=attrs, path=path)
     if x is not None:
-        check_shape(path, "image", x.shape, (y.shape[0], *scan.image_shape),
+        try:
+            shape = scan.image_shape  # a blur kernel the operator refuses: bad input
+        except ValueError as exc:
+            raise as_input_error(exc, str(path)) from exc
+        check_shape(path, "image", x.shape, (y.shape[0], *shape),
                     f"(slices, C, H, W) of the {op} operator's input")
     return scan
 

@@ -14,6 +14,7 @@ before the centred orthonormal FFT, so image magnitudes are ~1e-4 and k-space ma
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from diffrecon.datasets import phantoms
 from diffrecon.datasets.ct import CTScan, tensor_to_sinogram, write_ct_scan
 from diffrecon.datasets.fastmri import MRIScan, default_header, write_mri_scan
 from diffrecon.datasets.images import ImageScan, write_image_scan
-from diffrecon.errors import InputError
+from diffrecon.errors import InputError, as_input_error
 from diffrecon.operators.coils import rss
 from diffrecon.operators.mri import fft2c, ifft2c
 
@@ -38,6 +39,18 @@ _STREAM_MASK, _STREAM_NOISE = 1, 2
 def _check(name: str, value, ok: bool, want: str) -> None:
     if not ok:
         raise InputError(f"simulate: {name} is {value!r}, expected {want}")
+
+
+def _edge(simulator):
+    """A simulator is an edge: an operator factory's ``ValueError`` about the arguments given
+    (an impossible kernel, angle range, ...) is bad input, ``InputError`` 'simulate: ...'."""
+    @functools.wraps(simulator)
+    def run(*args, **kwargs):
+        try:
+            return simulator(*args, **kwargs)
+        except ValueError as exc:
+            raise as_input_error(exc, "simulate") from exc
+    return run
 
 
 def _indices(seed: int, slices: int) -> list[int]:
@@ -70,6 +83,7 @@ def sampling_mask(size: int, *, acceleration: float, center_fraction: float, mas
                                          seed=mask_seed), dtype=bool)
 
 
+@_edge
 def simulate_mri(path: str | os.PathLike, *, size: int = 128, slices: int = 2, coils: int = 8,
                  acceleration: float = 4, center_fraction: float = 0.08,
                  mask_type: str = "random", noise: float = 0.0, seed: int = 0,
@@ -159,6 +173,7 @@ def fan_defaults(size: int, pixel_size_mm: float) -> dict[str, float]:
             "detector_spacing_mm": float(pixel_size_mm) * dsd / dso}
 
 
+@_edge
 def simulate_ct(path: str | os.PathLike, *, size: int = 128, slices: int = 2, views: int = 30,
                 angle_range: float | None = None, n_detectors: int | None = None,
                 noise: float = 0.0, seed: int = 0, split: str = "test",
@@ -232,6 +247,7 @@ def _images(family: str, size: int, seed: int, slices: int, split: str) -> np.nd
     return np.abs(np.stack(imgs)).astype(np.float32)
 
 
+@_edge
 def simulate_image(path: str | os.PathLike, *, operator: str = "blur", size: int = 128,
                    slices: int = 2, kernel: str = "gaussian", kernel_width: float = 2.0,
                    factor: int = 4, noise: float = 0.01, seed: int = 0, split: str = "test",

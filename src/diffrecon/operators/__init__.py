@@ -1,6 +1,9 @@
 """Forward models y = A(x) + n as deepinv physics, built by factory functions, plus the
 masks and coil calibration deepinv lacks. Every operator carries a deepinv
-``GaussianNoise`` (``float(physics.noise_model.sigma) == noise_sigma``, default 0)."""
+``GaussianNoise`` (``float(physics.noise_model.sigma) == noise_sigma``, default 0).
+Bad arguments raise ``ValueError`` (``TypeError`` for a wrong kind of object) naming the
+function and parameter; the file readers, ``problems`` and the CLI turn them into one-line
+``InputError`` with the file's name."""
 
 from diffrecon.operators.blur import blur, make_kernel
 from diffrecon.operators.checks import adjointness_error

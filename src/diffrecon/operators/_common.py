@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from deepinv.physics import GaussianNoise
 
-from diffrecon.errors import InputError
-
 
 class _GaussianNoise(GaussianNoise):
     """deepinv ``GaussianNoise`` that keeps the measurement's dtype whatever sigma's dtype."""
@@ -23,7 +21,7 @@ def gaussian_noise(noise_sigma: float, name: str) -> GaussianNoise:
     the clean measurement's dtype."""
     sigma = float(noise_sigma)
     if not sigma >= 0.0:
-        raise InputError(f"{name}: noise_sigma must be a number >= 0, got {noise_sigma!r}.")
+        raise ValueError(f"{name}: noise_sigma must be a number >= 0, got {noise_sigma!r}.")
     return _GaussianNoise(sigma=torch.tensor(sigma, dtype=torch.float64))
 
 
@@ -37,13 +35,13 @@ def image_size(img_size, name: str, channels: int | None = None) -> tuple[int, i
     try:
         size = tuple(int(s) for s in img_size)
     except TypeError:
-        raise InputError(msg) from None
+        raise TypeError(msg) from None
     if len(size) == 2:
         size = (1 if channels is None else channels, *size)
     if len(size) != 3 or min(size) < 1:
-        raise InputError(msg)
+        raise ValueError(msg)
     if channels is not None and size[0] != channels:
-        raise InputError(f"{name}: img_size must have {channels} channels, got {img_size!r}.")
+        raise ValueError(f"{name}: img_size must have {channels} channels, got {img_size!r}.")
     return size
 
 

@@ -17,7 +17,6 @@ import torch
 from deepinv.physics import Blur
 from deepinv.physics.functional import gaussian_blur
 
-from diffrecon.errors import InputError
 from diffrecon.operators._common import gaussian_noise, resolve_device
 
 BOUNDARIES = ("circular", "reflect", "valid")
@@ -60,10 +59,10 @@ def motion_kernel(length: float, angle: float = 0.0, size: int | None = None,
     for dr, dc, wgt in ((0, 0, (1 - fr) * (1 - fc)), (1, 0, fr * (1 - fc)),
                         (0, 1, (1 - fr) * fc), (1, 1, fr * fc)):
         if (r0 + dr).min() < 0 or (c0 + dc).min() < 0:
-            raise InputError(f"blur: kernel size {size} is too small for motion length {length}.")
+            raise ValueError(f"blur: kernel size {size} is too small for motion length {length}.")
         np.add.at(k, (r0 + dr, c0 + dc), wgt)
     if k[size].any() or k[:, size].any():
-        raise InputError(f"blur: kernel size {size} is too small for motion length {length}.")
+        raise ValueError(f"blur: kernel size {size} is too small for motion length {length}.")
     k = torch.as_tensor(k[:size, :size], dtype=dtype)
     return k / k.sum()
 
@@ -74,25 +73,25 @@ def make_kernel(kernel="gaussian", *, width: float = 1.0, size: int | None = Non
     if isinstance(kernel, (torch.Tensor, np.ndarray)):
         k = torch.as_tensor(kernel).to(torch.float64)
         if k.ndim != 2 or k.numel() == 0:
-            raise InputError(f"blur: a kernel array must be 2D, got shape {tuple(k.shape)}.")
+            raise ValueError(f"blur: a kernel array must be 2D, got shape {tuple(k.shape)}.")
     elif kernel == "gaussian":
         if not width > 0:
-            raise InputError(f"blur: gaussian width (std in px) must be > 0, got {width!r}.")
+            raise ValueError(f"blur: gaussian width (std in px) must be > 0, got {width!r}.")
         k = gaussian_kernel(width, size)
     elif kernel == "motion":
         if not width >= 0:
-            raise InputError(f"blur: motion width (length in px) must be >= 0, got {width!r}.")
+            raise ValueError(f"blur: motion width (length in px) must be >= 0, got {width!r}.")
         k = motion_kernel(width, angle, size)
     elif kernel == "uniform":
         if width != int(width) or width < 1:
-            raise InputError(f"blur: uniform width must be a positive integer, got {width!r}.")
+            raise ValueError(f"blur: uniform width must be a positive integer, got {width!r}.")
         k = torch.ones(int(width), int(width), dtype=torch.float64)
     else:
-        raise InputError(f"blur: unknown kernel {kernel!r}; valid: {', '.join(KERNELS)} "
+        raise ValueError(f"blur: unknown kernel {kernel!r}; valid: {', '.join(KERNELS)} "
                          "or a 2D array.")
     total = k.sum()
     if not torch.isfinite(total) or total == 0:
-        raise InputError("blur: kernel must have a finite non-zero sum.")
+        raise ValueError("blur: kernel must have a finite non-zero sum.")
     return (k / total).to(dtype)
 
 
@@ -107,7 +106,7 @@ def blur(kernel="gaussian", *, width: float = 1.0, size: int | None = None, angl
     in ``dtype`` (the kernel's dtype; convert with ``.to(dtype)``).
     """
     if boundary not in BOUNDARIES:
-        raise InputError(f"blur: unknown boundary {boundary!r}; valid: {', '.join(BOUNDARIES)}.")
+        raise ValueError(f"blur: unknown boundary {boundary!r}; valid: {', '.join(BOUNDARIES)}.")
     k = make_kernel(kernel, width=width, size=size, angle=angle, dtype=dtype)
     cls = _CircularBlur if boundary == "circular" else Blur
     return cls(filter=k[None, None].to(resolve_device(device)), padding=boundary,

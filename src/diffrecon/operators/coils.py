@@ -13,8 +13,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from diffrecon.errors import InputError
-
 
 def rss(images, axis: int = 0):
     """Root-sum-of-squares sqrt(sum |x|^2) over ``axis`` (numpy or torch, real or complex)."""
@@ -32,7 +30,7 @@ def birdcage_maps(n_coils: int, size, *, normalize: bool = True) -> np.ndarray:
 
     h, w = (size, size) if np.isscalar(size) else size
     if n_coils < 1 or h < 1 or w < 1:
-        raise InputError(f"birdcage_maps: need n_coils >= 1 and a positive size, got "
+        raise ValueError(f"birdcage_maps: need n_coils >= 1 and a positive size, got "
                          f"{n_coils}, {size}.")
     maps = sp_birdcage((int(n_coils), int(h), int(w)), dtype=np.complex128)
     if normalize:
@@ -68,7 +66,7 @@ def espirit_params(shape, *, mask=None, calib_width: int = 24, kernel_width: int
     iterations per pixel. ``grid``: None (maps computed on the full H x W grid), an int g
     (computed on the centred min(g, H) x min(g, W) k-space crop, at least ``calib_width``,
     then interpolated, see :func:`estimate_coil_maps`) or ``"auto"`` (g = ``AUTO_GRID``).
-    Raises ``InputError`` if the calibration square is narrower than ``kernel_width``.
+    Raises ``ValueError`` if the calibration square is narrower than ``kernel_width``.
     """
     import sigpy as sp
 
@@ -77,12 +75,12 @@ def espirit_params(shape, *, mask=None, calib_width: int = 24, kernel_width: int
     if mask is not None:
         width = calibration_width(mask, (h, w), width)
     if width < kernel_width:
-        raise InputError(f"estimate_coil_maps: the fully sampled k-space centre is {width} "
+        raise ValueError(f"estimate_coil_maps: the fully sampled k-space centre is {width} "
                          f"wide, fewer than kernel_width={kernel_width}.")
     if grid is not None:
         g = AUTO_GRID if grid == "auto" else grid
         if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1:
-            raise InputError(f"estimate_coil_maps: grid must be None, 'auto' or a positive "
+            raise ValueError(f"estimate_coil_maps: grid must be None, 'auto' or a positive "
                              f"integer, got {grid!r}.")
         g = max(int(g), width)
         grid = [min(g, h), min(g, w)]
@@ -126,7 +124,7 @@ def estimate_coil_maps(kspace, calib_width: int = 24, kernel_width: int = 6,
         kspace = kspace.detach().cpu().numpy()
     k = np.asarray(kspace)
     if not np.iscomplexobj(k) or k.ndim not in (3, 4):
-        raise InputError(f"estimate_coil_maps: kspace must be complex (C, H, W) or "
+        raise ValueError(f"estimate_coil_maps: kspace must be complex (C, H, W) or "
                          f"(S, C, H, W), got {k.dtype} {k.shape}.")
     params = espirit_params(k.shape, mask=mask, calib_width=calib_width,
                             kernel_width=kernel_width, threshold=threshold, crop=crop,
@@ -212,10 +210,10 @@ def compress_coils(kspace, n_coils: int | str = "auto", *, energy: float = 0.999
     is_numpy = not isinstance(kspace, torch.Tensor)
     k = torch.from_numpy(np.asarray(kspace)) if is_numpy else kspace
     if not k.is_complex() or k.ndim not in (3, 4):
-        raise InputError(f"compress_coils: kspace must be complex (C, H, W) or (S, C, H, W), "
+        raise ValueError(f"compress_coils: kspace must be complex (C, H, W) or (S, C, H, W), "
                          f"got {k.dtype} {tuple(k.shape)}.")
     if not 0 < energy <= 1:
-        raise InputError(f"compress_coils: energy must be in (0, 1], got {energy!r}.")
+        raise ValueError(f"compress_coils: energy must be in (0, 1], got {energy!r}.")
     batch = k if k.ndim == 4 else k[None]
     s, c, h, w = batch.shape
     region = batch if calib_width is None else _centre_crop(
@@ -230,10 +228,10 @@ def compress_coils(kspace, n_coils: int | str = "auto", *, energy: float = 0.999
     elif isinstance(n_coils, (int, np.integer)) and not isinstance(n_coils, bool):
         n = int(n_coils)
     else:
-        raise InputError(f"compress_coils: n_coils must be 'auto' or an integer, got "
+        raise TypeError(f"compress_coils: n_coils must be 'auto' or an integer, got "
                          f"{n_coils!r}.")
     if not 1 <= n <= c:
-        raise InputError(f"compress_coils: n_coils must be in [1, {c}] (the coil count), got "
+        raise ValueError(f"compress_coils: n_coils must be in [1, {c}] (the coil count), got "
                          f"{n_coils!r}.")
     v = evecs[..., :n]  # (S, C, K)
     top = v.gather(-2, v.abs().argmax(-2, keepdim=True))

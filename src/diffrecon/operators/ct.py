@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from deepinv.physics import LinearPhysics
 from deepinv.physics.functional.radon import RampFilter
 
-from diffrecon.errors import InputError
 from diffrecon.operators._common import gaussian_noise, image_size, resolve_device
 
 GEOMETRIES = ("parallel", "fan")
@@ -67,28 +66,28 @@ def rotation_centre(n: int) -> float:
 def check_angles(angles, name: str = "ct: angles") -> np.ndarray:
     """Validate view angles in radians and return them as float64 (n,).
 
-    Errors (``InputError``, one line starting with ``name``): not a non-empty 1D array,
+    Errors (``ValueError``, one line starting with ``name``): not a non-empty 1D array,
     non-finite values, all equal (n > 1), a span max - min over 2 pi + ``ANGLE_SLACK`` or
     integer values only (n >= 3): both look like degrees."""
     try:
         a = np.asarray(angles, dtype=np.float64)
     except (TypeError, ValueError):
-        raise InputError(f"{name} must be a 1D array of radians, got "
+        raise ValueError(f"{name} must be a 1D array of radians, got "
                          f"{type(angles).__name__}.") from None
     if a.ndim != 1 or a.size == 0:
-        raise InputError(f"{name} must be a non-empty 1D array of radians, got shape "
+        raise ValueError(f"{name} must be a non-empty 1D array of radians, got shape "
                          f"{a.shape}.")
     if not np.all(np.isfinite(a)):
-        raise InputError(f"{name} has non-finite values (NaN or inf), expected radians.")
+        raise ValueError(f"{name} has non-finite values (NaN or inf), expected radians.")
     span = float(a.max() - a.min())
     if a.size > 1 and span == 0:
-        raise InputError(f"{name} are all equal ({a[0]!r}), expected distinct view angles "
+        raise ValueError(f"{name} are all equal ({a[0]!r}), expected distinct view angles "
                          f"in radians.")
     if span > 2 * math.pi + ANGLE_SLACK:
-        raise InputError(f"{name} span {span:.4g} > 2*pi: expected radians, these look like "
+        raise ValueError(f"{name} span {span:.4g} > 2*pi: expected radians, these look like "
                          f"degrees (multiply by pi/180).")
     if a.size >= 3 and np.all(a == np.round(a)):
-        raise InputError(f"{name} are all integers ({a[0]:g}, {a[1]:g}, ...): expected "
+        raise ValueError(f"{name} are all integers ({a[0]:g}, {a[1]:g}, ...): expected "
                          f"radians, these look like degrees (multiply by pi/180).")
     return a
 
@@ -324,14 +323,14 @@ def ct(img_size, *, views: int | None = None, angles=None, angle_range: float | 
         img_size = (int(img_size), int(img_size))
     _, h, w = image_size(img_size, "ct", channels=1)
     if h != w or h < 2:
-        raise InputError(f"ct: images must be square and at least 2 x 2, got img_size "
+        raise ValueError(f"ct: images must be square and at least 2 x 2, got img_size "
                          f"{img_size!r}.")
     if geometry not in GEOMETRIES:
-        raise InputError(f"ct: geometry must be one of {', '.join(GEOMETRIES)}, got "
+        raise ValueError(f"ct: geometry must be one of {', '.join(GEOMETRIES)}, got "
                          f"{geometry!r}.")
     fan = geometry == "fan"
     if views is not None and angles is not None:
-        raise InputError("ct: give either views or angles, not both.")
+        raise ValueError("ct: give either views or angles, not both.")
     if angles is not None:
         a = check_angles(angles)
         angles = torch.as_tensor(a)
@@ -341,7 +340,7 @@ def ct(img_size, *, views: int | None = None, angles=None, angle_range: float | 
         views = (360 if fan else 180) if views is None else int(views)
         angle_range = (2 * math.pi if fan else math.pi) if angle_range is None else angle_range
         if views < 1 or not 0 < angle_range <= 2 * math.pi + ANGLE_SLACK:
-            raise InputError(f"ct: need views >= 1 and 0 < angle_range <= 2*pi (radians), "
+            raise ValueError(f"ct: need views >= 1 and 0 < angle_range <= 2*pi (radians), "
                              f"got {views}, {angle_range}.")
         angles = torch.arange(views, dtype=torch.float64) * (angle_range / views)
         step_angle = angle_range / views
@@ -351,14 +350,14 @@ def ct(img_size, *, views: int | None = None, angles=None, angle_range: float | 
                             detector_spacing_mm, pixel_size_mm, detector, step)
         n_det = _fan_detectors(h, geo) if n_detectors is None else int(n_detectors)
         if n_det < 1:
-            raise InputError(f"ct: n_detectors must be positive, got {n_detectors}.")
+            raise ValueError(f"ct: n_detectors must be positive, got {n_detectors}.")
     else:
         n_det = default_detectors(h) if n_detectors is None else int(n_detectors)
         if n_det < 1 or (n_det - default_detectors(h)) % 2:
-            raise InputError(f"ct: n_detectors must be positive and differ from "
+            raise ValueError(f"ct: n_detectors must be positive and differ from "
                              f"{default_detectors(h)} by an even number, got {n_detectors}.")
     if not chunk_samples >= 1:
-        raise InputError(f"ct: chunk_samples must be >= 1, got {chunk_samples!r}.")
+        raise ValueError(f"ct: chunk_samples must be >= 1, got {chunk_samples!r}.")
     return _CT(h, angles, n_det, step_angle, geo, dtype, resolve_device(device),
                gaussian_noise(noise_sigma, "ct"), chunk_samples)
 
@@ -369,9 +368,9 @@ def _fan_geometry(n, dso, dsd, du, pixel, detector, step) -> dict:
     for name, v in values.items():
         ok = isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
         if not (ok and math.isfinite(v) and v > 0):
-            raise InputError(f"ct: fan beam needs {name} > 0 (finite), got {v!r}.")
+            raise ValueError(f"ct: fan beam needs {name} > 0 (finite), got {v!r}.")
     if detector not in DETECTORS:
-        raise InputError(f"ct: detector must be one of {', '.join(DETECTORS)}, got "
+        raise ValueError(f"ct: detector must be one of {', '.join(DETECTORS)}, got "
                          f"{detector!r}.")
     check_fan_distances(n, dso, dsd, pixel, "ct:")
     return {"geometry": "fan", "detector": detector,
@@ -385,14 +384,14 @@ def check_fan_distances(n: int, dso: float, dsd: float, pixel: float, where: str
     """The fan-beam distances of an N x N image with ``pixel`` mm pixels: source-to-detector
     more than source-to-isocentre, and the source outside the image's circumscribed circle
     (source-to-isocentre more than the half-diagonal sqrt(2) N pixel / 2). Raises
-    ``InputError`` naming the distance, its message prefixed with ``where`` ("ct:", or a
+    ``ValueError`` naming the distance, its message prefixed with ``where`` ("ct:", or a
     scan file's "PATH: attribute")."""
     if not dsd > dso:
-        raise InputError(f"{where} 'source_to_detector_mm' is {dsd!r}, expected more than "
+        raise ValueError(f"{where} 'source_to_detector_mm' is {dsd!r}, expected more than "
                          f"'source_to_isocentre_mm' ({dso!r})")
     radius = math.sqrt(2) * n / 2 * pixel
     if not dso > radius:
-        raise InputError(f"{where} 'source_to_isocentre_mm' is {dso!r}, expected more than "
+        raise ValueError(f"{where} 'source_to_isocentre_mm' is {dso!r}, expected more than "
                          f"the image half-diagonal {radius:.4g} mm (source outside the field "
                          f"of view)")
 

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from deepinv.physics import Inpainting
 
-from diffrecon.errors import InputError
 from diffrecon.operators._common import gaussian_noise, image_size, resolve_device
 
 KINDS = ("random", "box")
@@ -26,19 +25,19 @@ def inpaint_mask(shape: tuple[int, int], *, kind: str = "random", fraction: floa
     h, w = shape
     if kind == "random":
         if not 0.0 <= fraction <= 1.0:
-            raise InputError(f"inpaint: fraction must be in [0, 1], got {fraction!r}.")
+            raise ValueError(f"inpaint: fraction must be in [0, 1], got {fraction!r}.")
         keep = np.random.default_rng(seed).permutation(h * w) < round(fraction * h * w)
         return keep.reshape(h, w)
     if kind == "box":
         if box is None or len(box) != 4:
-            raise InputError("inpaint: kind='box' needs box=(top, left, height, width).")
+            raise ValueError("inpaint: kind='box' needs box=(top, left, height, width).")
         top, left, bh, bw = (int(v) for v in box)
         if top < 0 or left < 0 or bh < 1 or bw < 1 or top + bh > h or left + bw > w:
-            raise InputError(f"inpaint: box {tuple(box)!r} must lie inside the {h}x{w} image.")
+            raise ValueError(f"inpaint: box {tuple(box)!r} must lie inside the {h}x{w} image.")
         mask = np.ones((h, w), dtype=bool)
         mask[top:top + bh, left:left + bw] = False
         return mask
-    raise InputError(f"inpaint: unknown kind {kind!r}; valid: {', '.join(KINDS)}.")
+    raise ValueError(f"inpaint: unknown kind {kind!r}; valid: {', '.join(KINDS)}.")
 
 
 def inpaint(img_size, *, kind: str = "random", fraction: float = 0.5, box=None, seed: int = 0,

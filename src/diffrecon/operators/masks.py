@@ -7,8 +7,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from diffrecon.errors import InputError
-
 FASTMRI_KINDS = ("random", "equispaced", "equispaced_fraction")
 
 
@@ -32,10 +30,10 @@ def fastmri_mask(shape, center_fractions: Sequence[float] | float,
     cfs = [center_fractions] if np.isscalar(center_fractions) else list(center_fractions)
     accs = [accelerations] if np.isscalar(accelerations) else list(accelerations)
     if not cfs or (len(cfs) != len(accs) and not allow_any_combination):
-        raise InputError("fastmri_mask: center_fractions and accelerations must have the same "
+        raise ValueError("fastmri_mask: center_fractions and accelerations must have the same "
                          "non-zero length.")
     if kind not in FASTMRI_KINDS:
-        raise InputError(f"fastmri_mask: unknown kind {kind!r}; valid: "
+        raise ValueError(f"fastmri_mask: unknown kind {kind!r}; valid: "
                          f"{', '.join(FASTMRI_KINDS)}.")
     rng = np.random.RandomState(seed)
     if allow_any_combination:
@@ -52,7 +50,7 @@ def fastmri_mask(shape, center_fractions: Sequence[float] | float,
         mask |= rng.uniform(size=num_cols) < prob
     elif kind == "equispaced":
         if acc != int(acc):
-            raise InputError(f"fastmri_mask: kind 'equispaced' needs an integer acceleration, "
+            raise ValueError(f"fastmri_mask: kind 'equispaced' needs an integer acceleration, "
                              f"got {acc!r}.")
         acc = int(acc)
         if offset is None:
@@ -75,7 +73,7 @@ def poisson_mask(shape: tuple[int, int], acceleration: float, calib=(24, 24),
     from sigpy.mri import poisson
 
     if len(shape) != 2 or acceleration < 1:
-        raise InputError(f"poisson_mask: need shape (H, W) and acceleration >= 1, got {shape}, "
+        raise ValueError(f"poisson_mask: need shape (H, W) and acceleration >= 1, got {shape}, "
                          f"{acceleration}.")
     m = poisson(tuple(int(s) for s in shape), float(acceleration), calib=tuple(calib),
                 dtype=np.complex64, seed=int(seed))
@@ -87,5 +85,5 @@ def acceleration_of(mask) -> float:
     m = np.asarray(mask)
     n = np.count_nonzero(m)
     if n == 0:
-        raise InputError("acceleration_of: the mask samples nothing.")
+        raise ValueError("acceleration_of: the mask samples nothing.")
     return m.size / n

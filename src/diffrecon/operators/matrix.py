@@ -7,7 +7,6 @@ import numpy as np
 import torch
 from deepinv.physics import LinearPhysics
 
-from diffrecon.errors import InputError
 from diffrecon.operators._common import gaussian_noise
 
 
@@ -34,6 +33,6 @@ def matrix(A, noise_sigma: float = 0.0) -> LinearPhysics:
     device are kept) acting on signals (B, d)."""
     A = A if isinstance(A, torch.Tensor) else torch.as_tensor(np.asarray(A))
     if A.ndim != 2 or not A.is_floating_point():
-        raise InputError(f"matrix: A must be a real 2D (d_y, d) array, got {A.dtype} "
+        raise ValueError(f"matrix: A must be a real 2D (d_y, d) array, got {A.dtype} "
                          f"{tuple(A.shape)}.")
     return _Matrix(A, gaussian_noise(noise_sigma, "matrix"))

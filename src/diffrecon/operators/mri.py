@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from deepinv.physics import MRI, LinearPhysics, MultiCoilMRI
 
-from diffrecon.errors import InputError
 from diffrecon.operators._common import gaussian_noise, resolve_device
 
 
@@ -25,7 +24,7 @@ def _as_tensor(a, name: str) -> torch.Tensor:
     try:
         return torch.as_tensor(np.asarray(a))
     except (TypeError, ValueError):
-        raise InputError(f"mri: {name} must be an array, got {type(a).__name__}.") from None
+        raise TypeError(f"mri: {name} must be an array, got {type(a).__name__}.") from None
 
 
 def mri(mask, coil_maps=None, *, img_size=None, noise_sigma: float = 0.0,
@@ -40,11 +39,11 @@ def mri(mask, coil_maps=None, *, img_size=None, noise_sigma: float = 0.0,
     device = resolve_device(device)
     mask = _as_tensor(mask, "mask")
     if mask.ndim not in (1, 2):
-        raise InputError(f"mri: mask must be (W,) or (H, W), got shape {tuple(mask.shape)}.")
+        raise ValueError(f"mri: mask must be (W,) or (H, W), got shape {tuple(mask.shape)}.")
     if coil_maps is not None:
         coil_maps = _as_tensor(coil_maps, "coil_maps")
         if not coil_maps.is_complex() or coil_maps.ndim not in (3, 4):
-            raise InputError("mri: coil_maps must be complex (C, H, W) or (B, C, H, W), got "
+            raise ValueError("mri: coil_maps must be complex (C, H, W) or (B, C, H, W), got "
                              f"{coil_maps.dtype} {tuple(coil_maps.shape)}.")
     sizes = {}
     if mask.ndim == 2:
@@ -53,13 +52,13 @@ def mri(mask, coil_maps=None, *, img_size=None, noise_sigma: float = 0.0,
         sizes["coil_maps"] = tuple(coil_maps.shape[-2:])
     if img_size is not None:
         if len(img_size) not in (2, 3) or (len(img_size) == 3 and img_size[0] != 2):
-            raise InputError(f"mri: img_size must be (H, W) or (2, H, W), got {img_size!r}.")
+            raise ValueError(f"mri: img_size must be (H, W) or (2, H, W), got {img_size!r}.")
         sizes["img_size"] = tuple(int(s) for s in img_size[-2:])
     if not sizes:
-        raise InputError("mri: a 1D mask needs img_size=(H, W) or coil_maps to give H.")
+        raise ValueError("mri: a 1D mask needs img_size=(H, W) or coil_maps to give H.")
     hw = next(iter(sizes.values()))
     if any(s != hw for s in sizes.values()) or mask.shape[-1] != hw[1]:
-        raise InputError(f"mri: mask {tuple(mask.shape)}, coil_maps and img_size disagree on "
+        raise ValueError(f"mri: mask {tuple(mask.shape)}, coil_maps and img_size disagree on "
                          f"(H, W): {sizes}.")
     mask2d = mask.to(torch.float32).expand(hw).contiguous().to(device)
     noise = gaussian_noise(noise_sigma, "mri")
@@ -79,7 +78,7 @@ def kspace_to_tensor(kspace, *, device=None, dtype=torch.float32) -> torch.Tenso
     """
     k = _as_tensor(kspace, "kspace")
     if not k.is_complex():
-        raise InputError(f"kspace_to_tensor: k-space must be complex, got {k.dtype}.")
+        raise ValueError(f"kspace_to_tensor: k-space must be complex, got {k.dtype}.")
     if k.ndim == 2:
         k = k[None]
     real = torch.view_as_real(k.resolve_conj()).movedim(-1, 1)
@@ -89,7 +88,7 @@ def kspace_to_tensor(kspace, *, device=None, dtype=torch.float32) -> torch.Tenso
 def tensor_to_kspace(y: torch.Tensor) -> np.ndarray:
     """Inverse of ``kspace_to_tensor``: real (B, 2, ...) -> complex64 numpy (B, ...)."""
     if y.ndim < 3 or y.shape[1] != 2:
-        raise InputError(f"tensor_to_kspace: expected (B, 2, ...), got {tuple(y.shape)}.")
+        raise ValueError(f"tensor_to_kspace: expected (B, 2, ...), got {tuple(y.shape)}.")
     z = torch.view_as_complex(y.detach().to(torch.float32).movedim(1, -1).contiguous())
     return z.cpu().numpy()
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffrecon.errors import InputError
 from diffrecon.operators.mri import fft2c, ifft2c
 
 
@@ -44,12 +43,12 @@ def crop_readout(kspace, width: int):
     is_tensor = isinstance(kspace, torch.Tensor)
     k = kspace if is_tensor else np.asarray(kspace)
     if not (k.is_complex() if is_tensor else np.iscomplexobj(k)) or k.ndim < 2:
-        raise InputError(f"crop_readout: kspace must be complex (..., kx, ky), got "
+        raise ValueError(f"crop_readout: kspace must be complex (..., kx, ky), got "
                          f"{k.dtype} {tuple(k.shape)}.")
     kx = k.shape[-2]
     if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or not (
             1 <= width <= kx):
-        raise InputError(f"crop_readout: width must be an integer in [1, {kx}] (the readout "
+        raise ValueError(f"crop_readout: width must be an integer in [1, {kx}] (the readout "
                          f"size kx), got {width!r}.")
     if width == kx:
         return kspace

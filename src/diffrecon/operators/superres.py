@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from deepinv.physics import Downsampling
 from deepinv.physics.functional import bicubic_filter
 
-from diffrecon.errors import InputError
 from diffrecon.operators._common import gaussian_noise, image_size, resolve_device
 
 KINDS = ("bicubic", "box")
@@ -30,14 +29,14 @@ def superres(factor: int, *, img_size, kind: str = "bicubic", boundary: str = "c
     of ``factor``; ``kind`` bicubic | box; ``boundary`` circular | reflect (bicubic only).
     """
     if factor not in (2, 4):
-        raise InputError(f"superres: factor must be 2 or 4, got {factor!r}.")
+        raise ValueError(f"superres: factor must be 2 or 4, got {factor!r}.")
     c, h, w = image_size(img_size, "superres")
     if h % factor or w % factor:
-        raise InputError(f"superres: img_size {img_size!r} must be divisible by factor {factor}.")
+        raise ValueError(f"superres: img_size {img_size!r} must be divisible by factor {factor}.")
     device = resolve_device(device)
     if kind == "bicubic":
         if boundary not in ("circular", "reflect"):
-            raise InputError(f"superres: boundary must be circular or reflect, got {boundary!r}.")
+            raise ValueError(f"superres: boundary must be circular or reflect, got {boundary!r}.")
         # deepinv centres an even 4f-tap filter half a pixel after a low-res sample; appending
         # f - 2 zero taps moves the centre to f j + (f - 1) / 2, so A equals torch's antialiased
         # bicubic ``interpolate`` away from the border (tested).
@@ -48,7 +47,7 @@ def superres(factor: int, *, img_size, kind: str = "bicubic", boundary: str = "c
         filt = torch.full((1, 1, factor, factor), 1.0 / factor**2)
         padding = "valid"  # valid correlation at stride factor == average pooling
     else:
-        raise InputError(f"superres: unknown kind {kind!r}; valid: {', '.join(KINDS)}.")
+        raise ValueError(f"superres: unknown kind {kind!r}; valid: {', '.join(KINDS)}.")
     filt = filt.to(device=device, dtype=dtype)
     return Downsampling(img_size=(c, h, w), filter=filt / filt.sum(), factor=factor,
                         padding=padding, device=device,

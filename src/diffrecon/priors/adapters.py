@@ -21,7 +21,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError
 from .base import Prior, expand_like
 
 
@@ -45,7 +44,7 @@ def vp_betas(num_train_steps: int = 1000, beta_start: float = 1e-4, beta_end: fl
         s = torch.arange(t + 1, dtype=torch.float64) / t
         abar = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
-    raise InputError(f"unknown VP schedule {schedule!r}; expected one of "
+    raise ValueError(f"unknown VP schedule {schedule!r}; expected one of "
                      "'linear', 'scaled_linear', 'cosine'.")
 
 
@@ -74,7 +73,7 @@ class _DiscreteVP(Prior):
                  data_range: tuple[float, float] = (-1.0, 1.0), channels: int | None = None):
         super().__init__()
         if timestep not in ("interpolate", "nearest"):
-            raise InputError(f"timestep must be 'interpolate' or 'nearest', got {timestep!r}.")
+            raise ValueError(f"timestep must be 'interpolate' or 'nearest', got {timestep!r}.")
         if betas is None:
             betas = vp_betas(num_train_steps, beta_start, beta_end, schedule)
         betas = torch.as_tensor(betas, dtype=torch.float64)
@@ -142,9 +141,9 @@ class VEScorePrior(Prior):
                  data_range: tuple[float, float] = (0.0, 1.0), channels: int | None = None):
         super().__init__()
         if output not in ("score", "scaled_score"):
-            raise InputError(f"output must be 'score' or 'scaled_score', got {output!r}.")
+            raise ValueError(f"output must be 'score' or 'scaled_score', got {output!r}.")
         if noise_input not in ("sigma", "log_half_sigma"):
-            raise InputError(f"noise_input must be 'sigma' or 'log_half_sigma', "
+            raise ValueError(f"noise_input must be 'sigma' or 'log_half_sigma', "
                              f"got {noise_input!r}.")
         self.net, self.output, self.noise_input = net, output, noise_input
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
@@ -245,7 +244,7 @@ class DiffusersPrior(_DiscreteVP):
 
     def __init__(self, unet: nn.Module, betas: Tensor, prediction: str = "epsilon", **kw):
         if prediction not in _TO_X0:
-            raise InputError(f"unsupported diffusers prediction_type {prediction!r}; expected "
+            raise ValueError(f"unsupported diffusers prediction_type {prediction!r}; expected "
                              f"one of {sorted(_TO_X0)}.")
         super().__init__(_DiffusersUNet(unet), betas, **kw)
         self.prediction = prediction

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InputError
 from .base import Prior
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -46,10 +45,10 @@ class GaussianMixture(Prior):
         means = torch.as_tensor(means, dtype=torch.float64)
         weights = torch.as_tensor(weights, dtype=torch.float64, device=means.device)
         if means.ndim != 2 or weights.shape != means.shape[:1]:
-            raise InputError(f"GaussianMixture expects means (K, d) and weights (K,), got "
+            raise ValueError(f"GaussianMixture expects means (K, d) and weights (K,), got "
                              f"{tuple(means.shape)} and {tuple(weights.shape)}.")
         if bool((weights < 0).any()) or not float(weights.sum()) > 0:
-            raise InputError("GaussianMixture weights must be non-negative with a positive sum.")
+            raise ValueError("GaussianMixture weights must be non-negative with a positive sum.")
         k, d = means.shape
         self.signal_shape = (d,)
         self.register_buffer("means", means.clone())
@@ -58,7 +57,7 @@ class GaussianMixture(Prior):
             var = torch.as_tensor(variance, dtype=torch.float64, device=means.device)
             var = var.expand(k).clone()
             if not bool((var > 0).all()):
-                raise InputError("GaussianMixture isotropic variance must be > 0.")
+                raise ValueError("GaussianMixture isotropic variance must be > 0.")
             self.kind = "isotropic"
             self.register_buffer("variances", var)
             diag = var[:, None].expand(k, d)
@@ -68,7 +67,7 @@ class GaussianMixture(Prior):
             if cov.shape == (d, d):
                 cov = cov[None]
             if cov.shape not in ((1, d, d), (k, d, d)):
-                raise InputError(f"GaussianMixture covariances must be ({d}, {d}) or "
+                raise ValueError(f"GaussianMixture covariances must be ({d}, {d}) or "
                                  f"({k}, {d}, {d}), got {tuple(cov.shape)}.")
             cov = 0.5 * (cov + cov.mT)
             evals, evecs = torch.linalg.eigh(cov)
@@ -245,7 +244,7 @@ class GaussianMixture(Prior):
         if y.ndim == 2 and y.shape[0] == 1:
             y = y[0]
         if y.shape != (a.shape[0],):
-            raise InputError(f"posterior expects y of shape ({a.shape[0]},) or "
+            raise ValueError(f"posterior expects y of shape ({a.shape[0]},) or "
                              f"(1, {a.shape[0]}), got {tuple(y.shape)}.")
         sy = physics_noise_sigma(physics)
         cov = self._cov_stack()                                               # (C, d, d)
@@ -290,7 +289,7 @@ def physics_noise_sigma(physics) -> float:
         return 0.0
     sigma = torch.as_tensor(sigma)
     if sigma.numel() != 1:
-        raise InputError("posterior needs a scalar physics.noise_model.sigma.")
+        raise ValueError("posterior needs a scalar physics.noise_model.sigma.")
     return float(sigma.detach().cpu())
 
 
@@ -325,7 +324,7 @@ def mcgdiff_problem(d: int, d_y: int, seed: int):
         physics (``diffrecon.operators.matrix(A, sigma_y)``), y (1, d_y), x_true (1, d).
     """
     if d % 2 or d < 2 or not 1 <= d_y <= d:
-        raise InputError(f"mcgdiff_problem needs an even d >= 2 and 1 <= d_y <= d, "
+        raise ValueError(f"mcgdiff_problem needs an even d >= 2 and 1 <= d_y <= d, "
                          f"got d={d}, d_y={d_y}.")
     from ..operators import matrix  # imported here: operators pull in sigpy
 
@@ -353,7 +352,7 @@ def sliced_wasserstein(x: Tensor, y: Tensor, n_directions: int = 500,
     """Sliced W1 between two equal-size sample sets (n, d): mean over random unit
     directions of the 1-D W1 of the projections (sorted-sample difference). Scalar tensor."""
     if x.ndim != 2 or x.shape != y.shape:
-        raise InputError(f"sliced_wasserstein needs two (n, d) sample sets of equal shape, "
+        raise ValueError(f"sliced_wasserstein needs two (n, d) sample sets of equal shape, "
                          f"got {tuple(x.shape)} and {tuple(y.shape)}.")
     x, y = x.to(torch.float64), y.to(device=x.device, dtype=torch.float64)
     theta = torch.randn(x.shape[1], n_directions, dtype=torch.float64, device=x.device,

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from diffrecon.errors import InputError
+from diffrecon.errors import InputError, as_input_error
 
 from .normalise import Normaliser, intensity_reference, reference_level
 from .problem import Problem, parse_slices
@@ -41,7 +41,8 @@ def load_problem(path: str | os.PathLike, prior=None, slices=None, *,
             retrospective fastMRI mask of a fully sampled file) and ``coil_maps`` (a side
             file with dataset ``coil_maps``).
 
-    Bad input raises ``InputError`` naming the file, dataset, key or flag.
+    Bad input raises ``InputError`` naming the file, dataset, key or flag (an operator's
+    ``ValueError`` about what the file holds, prefixed with the file).
     """
     from diffrecon.datasets.io import detect_modality
 
@@ -52,17 +53,20 @@ def load_problem(path: str | os.PathLike, prior=None, slices=None, *,
     modality = detect_modality(path)
     check_acquisition(path, modality, acquisition)
     selected = parse_slices(slices)
-    if modality == "mri":
-        from .mri import load_mri
+    try:
+        if modality == "mri":
+            from .mri import load_mri
 
-        problem = load_mri(path, prior, selected, device=device, progress=progress,
-                           **acquisition)
-    else:
-        from .ct import load_ct
-        from .image import load_image
+            problem = load_mri(path, prior, selected, device=device, progress=progress,
+                               **acquisition)
+        else:
+            from .ct import load_ct
+            from .image import load_image
 
-        problem = (load_ct if modality == "ct" else load_image)(path, prior, selected,
-                                                               device=device)
+            problem = (load_ct if modality == "ct" else load_image)(path, prior, selected,
+                                                                   device=device)
+    except ValueError as exc:  # an operator refusing what the file holds: bad input
+        raise as_input_error(exc, str(path)) from exc
     channels = getattr(prior, "channels", None)
     if channels not in (None, problem.channels):
         raise InputError(f"--prior {getattr(prior, 'name', type(prior).__name__)!r} has "

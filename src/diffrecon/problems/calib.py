@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from diffrecon.errors import InputError
+from diffrecon.errors import InputError, as_input_error
 
 from .mri_coils import estimate_maps
 
@@ -58,7 +58,10 @@ def calibrate_file(scan_path, output=None, *, overwrite: bool = False,
         if Path(output).exists() and not overwrite:
             raise InputError(f"-o/--output {output} exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
-    maps, params = estimate_maps(scan.kspace, scan.mask, scan_path)
+    try:
+        maps, params = estimate_maps(scan.kspace, scan.mask, scan_path)
+    except ValueError as exc:  # the ESPIRiT parameters refusing this scan's k-space
+        raise as_input_error(exc, str(scan_path)) from exc
     attrs = {"coil_maps_method": "espirit", "coil_maps_params": params,
              "coil_maps_input_sha256": sha256_file(scan_path)}
     target = scan_path if output is None else Path(output)

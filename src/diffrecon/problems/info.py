@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from diffrecon.errors import as_input_error
+
 from .mri import kspace_noise_sigma
 from .mri_coils import acs_width
 
@@ -62,8 +64,12 @@ def describe_file(path) -> dict[str, Any]:
         from diffrecon.datasets.images import read_image_scan
 
         scan = read_image_scan(path)
+        try:
+            shape = list(scan.image_shape)
+        except ValueError as exc:  # a blur kernel the operator refuses
+            raise as_input_error(exc, str(path)) from exc
         out.update({"slices": scan.n_slices, "operator": scan.operator,
-                    "parameters": scan.params, "image_shape": list(scan.image_shape),
+                    "parameters": scan.params, "image_shape": shape,
                     "noise_sigma": scan.noise_sigma, "ground_truth": scan.image is not None})
     else:
         from diffrecon.datasets.io import read_result

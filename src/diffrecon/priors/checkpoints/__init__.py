@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...errors import InputError
+from ...errors import InputError, as_input_error
 from ..adapters import PerChannel
 from ..base import Prior
 from . import adm
@@ -213,7 +213,10 @@ def load_checkpoint(path, kind: str | None = None, config=None, *, trust_pickle:
     card_cfg = ckpt.obj.get("config", {}) if isinstance(ckpt.obj, dict) else {}
     per = card_cfg.pop("per_channel", None) if isinstance(card_cfg, dict) else None
     channels = options.pop("channels", cfg.pop("per_channel", per))
-    prior, card, inferred = LOADERS[kind](ckpt, cfg, dict(options), label)
+    try:
+        prior, card, inferred = LOADERS[kind](ckpt, cfg, dict(options), label)
+    except ValueError as exc:  # an adapter refusing what the file or its config says
+        raise as_input_error(exc, repr(str(ckpt.path))) from exc
     prior.name = ckpt.path.stem or "prior"
     if channels is not None and prior.channels is None:
         prior.channels = int(channels)
