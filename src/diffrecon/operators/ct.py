@@ -166,11 +166,11 @@ class _CT(LinearPhysics):
     def A(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         """Line integrals (B, C, n_detectors, views); differentiable, its gradient is
         ``A_adjoint`` (chunked too: no per-view graph is kept)."""
-        return _Project.apply(x, self)
+        return _Linear.apply(x, self._project, self._backproject)
 
     def A_adjoint(self, y: torch.Tensor, **kwargs) -> torch.Tensor:
         """Exact adjoint (B, C, N, N); differentiable, its gradient is ``A``."""
-        return _BackProject.apply(y, self)
+        return _Linear.apply(y, self._backproject, self._project)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
@@ -264,26 +264,18 @@ class _CT(LinearPhysics):
         return out.reshape(b, c, n, n)
 
 
-class _Project(torch.autograd.Function):
+class _Linear(torch.autograd.Function):
+    """``apply(x, f, f_adjoint)`` = f(x) for a linear ``f``; its gradient is ``f_adjoint``
+    (the projector and back-projector are each other's, chunked: no per-view graph)."""
+
     @staticmethod
-    def forward(ctx, x, op):
-        ctx.op = op
-        return op._project(x)
+    def forward(ctx, x, f, f_adjoint):
+        ctx.f_adjoint = f_adjoint
+        return f(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.op._backproject(grad), None
-
-
-class _BackProject(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, op):
-        ctx.op = op
-        return op._backproject(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.op._project(grad), None
+        return ctx.f_adjoint(grad), None, None
 
 
 def _convolve(y: torch.Tensor, kernel: torch.Tensor, nd: int) -> torch.Tensor:

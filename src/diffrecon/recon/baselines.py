@@ -72,17 +72,19 @@ def _check_lam(name: str, lam) -> float | str:
     return value
 
 
-# ------------------------------------------------------------------------ zero-filled
 @dataclass(frozen=True)
-class ZeroFilledOptions:
+class OnePassOptions:
+    """Options of the one-pass baselines (zero-filled, FBP): none that change the result."""
+
     batch_size: int = 16  # unused (one pass)
 
 
+# ------------------------------------------------------------------------ zero-filled
 class ZeroFilledSolver(_Deterministic):
     """x = A^T y (coil-combined for multi-coil MRI)."""
 
     name = "zero-filled"
-    Options = ZeroFilledOptions
+    Options = OnePassOptions
 
     def _reconstruct(self, y, physics):
         return physics.A_adjoint(y), {"iterations": 0}
@@ -159,16 +161,11 @@ class CGSolver(_Deterministic):
 
 
 # ------------------------------------------------------------------------ FBP
-@dataclass(frozen=True)
-class FBPOptions:
-    batch_size: int = 16  # unused (one pass)
-
-
 class FBPSolver(_Deterministic):
     """Filtered back-projection for CT (``diffrecon.operators.ct`` or deepinv Tomography)."""
 
     name = "fbp"
-    Options = FBPOptions
+    Options = OnePassOptions
 
     def _reconstruct(self, y, physics):
         from deepinv.physics import Tomography
