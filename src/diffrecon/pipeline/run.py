@@ -37,7 +37,6 @@ from diffrecon.problems import Problem, check_acquisition, load_problem
 
 from .options import (
     DEFAULT_PRIORS,
-    DEFAULT_SAMPLES,
     RunOptions,
     default_solver,
     load_prior,
@@ -78,8 +77,6 @@ def plan_run(input_path, output_path, options: RunOptions) -> Plan:
     check_acquisition(input_path, modality, options.acquisition())
     name = options.solver or default_solver(modality)
     solver = make_solver(name, options)
-    if options.samples is None:
-        options = dataclasses.replace(options, samples=DEFAULT_SAMPLES.get(name, 1))
     prior = (options.prior or DEFAULT_PRIORS[modality]) if name in DIFFUSION_SOLVERS else None
     label = None if prior is None else str(prior) if isinstance(prior, str | os.PathLike) \
         else getattr(prior, "name", type(prior).__name__)
@@ -129,7 +126,6 @@ def reconstruct_file(input_path, output_path, options: RunOptions | None = None,
     t0 = time.perf_counter()
     opts = RunOptions.of(options, **overrides)
     plan = plan_run(input_path, output_path, opts)
-    opts = plan.options  # with the defaults that depend on the solver resolved
     if existing_result(plan.output_path, plan.digest, opts.overwrite):
         _emit(progress, event="skip", path=str(plan.input_path), output=str(plan.output_path))
         return {"input": str(plan.input_path), "output": str(plan.output_path),
