@@ -27,3 +27,12 @@ class Interrupted(KeyboardInterrupt):
         name = signal.Signals(signum).name
         super().__init__(f"stopped by {name}; complete results are kept, rerun to resume")
         self.exit_code = 128 + int(signum)
+
+
+class RankLost(KeyboardInterrupt):
+    """Under torchrun, another rank died, was stopped or stopped responding, so this rank
+    stops too (a KeyboardInterrupt for the same reasons as :class:`Interrupted`); the CLI
+    prints the message as one line and exits 1. Complete results are kept; rerun to
+    resume."""
+
+    exit_code = 1

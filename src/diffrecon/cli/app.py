@@ -59,6 +59,8 @@ class OneLineErrors(TyperGroup):
             rv = super().main(args=argv, prog_name=prog_name or PROG, complete_var=complete_var,
                               standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
+            if code == 130:  # typer's silent Exit(130) for a Ctrl-C while it parses
+                _fail("interrupted", 130)
         except _cx.NoArgsIsHelpError as exc:
             typer.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
             code = 2

@@ -20,15 +20,25 @@ def main(argv: list[str] | None = None) -> int:
     static destructors avoids gloo's occasional "terminate called without an active
     exception" abort at interpreter shutdown (seen about once in 30 two-rank runs)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return app(args=argv, prog_name=PROG)
+        return _app(argv)
     code = 0
     try:
-        app(args=argv, prog_name=PROG)
+        _app(argv)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _app(argv: list[str] | None):
+    """The typer app; a Ctrl-C while typer builds the command (before the error mapping of
+    ``cli.app`` runs) is one line and exit 130 too, not a traceback."""
+    try:
+        return app(args=argv, prog_name=PROG)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: error: interrupted\n")
+        raise SystemExit(130) from None
 
 
 __all__ = ["app", "main"]

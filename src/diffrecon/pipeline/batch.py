@@ -4,9 +4,13 @@ sharding (files round-robin over ranks, or one file's slices)."""
 from __future__ import annotations
 
 import contextlib
+import datetime
+import functools
 import os
 import signal
+import socket
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -15,10 +19,10 @@ from typing import Any
 
 import torch
 
-from diffrecon.errors import InputError, Interrupted
+from diffrecon.errors import InputError, Interrupted, RankLost
 
 from .options import RunOptions
-from .run import Progress, reconstruct_file
+from .run import Progress, planned, reconstruct_file, reconstruct_planned
 
 SCAN_SUFFIXES = (".h5", ".hdf5")
 
@@ -126,8 +130,14 @@ def init_distributed() -> tuple[int, int, bool]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    torch.distributed.init_process_group(backend=backend)
+    # every collective is entered only once all ranks have reached it (Peers.wait), so this
+    # bounds a collective itself, not the wait for a slow rank
+    torch.distributed.init_process_group(backend=backend,
+                                         timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), True
+
+
+COLLECTIVE_TIMEOUT_S = 600
 
 
 def failure(exc: Exception) -> tuple:
@@ -195,36 +205,56 @@ def reconstruct_many(inputs: Sequence[str | os.PathLike], output: str | os.PathL
     are sharded round-robin across ranks, or for a single file its slices; every rank
     returns all summaries in input order. ``options`` / ``overrides`` as in
     :func:`reconstruct_file`.
+
+    Concurrent runs on one output directory compute each result once: an output whose lock
+    (``<output>.lock``, ``concurrency.output_lock``) another run holds is put off to the end
+    and then waited for. Under torchrun a rank that dies or stops answering
+    (``rank_timeout``) stops the others with ``errors.RankLost`` (:class:`Peers`).
     """
     opts = RunOptions.of(options, **overrides)
     files = collect_inputs(inputs)
     targets = output_paths(inputs, files, output)
     rank, world, owned = init_distributed()
+    peers = None
     with stop_on_signals():
         stopped = False
         try:
+            peers = Peers(rank, world, opts.rank_timeout) if world > 1 else None
             if world > 1 and len(files) == 1:
-                records = [_sharded_file(files[0], targets[0], opts, progress, rank, world)]
+                records = [_sharded_file(files[0], targets[0], opts, progress, rank, world,
+                                         peers)]
             else:
+                # an output another run holds (its lock) is put off to the end, then waited
+                # for: concurrent runs share the work (inline: the run -> denoiser call
+                # depth is bounded, tests/test_cli.py)
+                queue = [(i, f, t, False) for i, (f, t) in enumerate(zip(files, targets,
+                                                                          strict=True))
+                         if i % world == rank]
                 local = []
-                for i, (f, target) in enumerate(zip(files, targets, strict=True)):
-                    if i % world != rank:
-                        continue
+                while queue:
+                    i, f, target, wait = queue.pop(0)
                     try:  # a failing file does not stop the others
-                        with warnings_unless_failed():
-                            local.append((i, ("ok", reconstruct_file(f, target, opts,
-                                                                     progress=progress))))
+                        with warnings_unless_failed(), planned(f, target, opts, progress,
+                                                               wait=wait) as plan:
+                            if plan is None:
+                                queue.append((i, f, target, True))
+                                continue
+                            local.append((i, ("ok", reconstruct_planned(plan, progress))))
                     except Exception as exc:  # noqa: BLE001 - reported at the end
                         local.append((i, failure(exc)))
+                    if peers is not None:
+                        peers.check()  # a lost rank stops this one (RankLost)
                 if world > 1:
-                    gathered: list = [None] * world
-                    torch.distributed.all_gather_object(gathered, local)
-                    local = [item for part in gathered for item in part]
+                    local = [item for part in peers.all_gather(local) for item in part]
                 records = [r for _, r in sorted(local, key=lambda t: t[0])]
-        except Interrupted:
+        except KeyboardInterrupt as exc:  # errors.Interrupted, RankLost
             stopped = True
+            if peers is not None:
+                peers.leave(exc)
             raise
         finally:
+            if peers is not None:
+                peers.close()
             if owned:  # barrier first: a rank tearing gloo down while its peer is still inside
                 if not stopped:  # the last collective aborts the peer (SIGABRT)
                     torch.distributed.barrier()
@@ -244,6 +274,7 @@ class SliceShard:
 
     rank: int
     world: int
+    peers: Peers
     gathered: bool = False
 
     def mine(self, indices: range) -> range:
@@ -252,9 +283,7 @@ class SliceShard:
     def exchange(self, payload) -> list:
         """The payloads of every rank (a collective)."""
         self.gathered = True
-        parts: list = [None] * self.world
-        torch.distributed.all_gather_object(parts, payload)
-        return parts
+        return self.peers.all_gather(payload)
 
     def gather(self, results: dict) -> dict | None:
         """Every rank's slice results merged on rank 0 (None on the others); a rank's
@@ -271,14 +300,157 @@ class SliceShard:
 
 
 def _sharded_file(path: Path, out: Path, options: RunOptions, progress, rank: int,
-                  world: int) -> tuple:
+                  world: int, peers: Peers) -> tuple:
     """One file under torchrun: rank r solves slices r::world, rank 0 writes the result;
     every rank returns rank 0's record."""
-    shard = SliceShard(rank, world)
+    shard = SliceShard(rank, world, peers)
     with warnings_unless_failed():
         record = guard(reconstruct_file, path, out, options, progress=progress, shard=shard)
     if not shard.gathered:  # skipped or failed before solving: still take part
         record = next((p for p in shard.exchange(record) if p[0] == "error"), record)
+    peers.wait()  # rank 0 has written the result
     box = [record]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class Peers:
+    """The other torchrun ranks, watched through the process group's store, so that a rank
+    that died or hangs stops the others with one line (``RankLost``) instead of leaving
+    them in a collective.
+
+    Each rank bumps a heartbeat counter every second (a daemon thread) and publishes its
+    host and pid. A rank checks its peers after every file and while it waits for them
+    before a collective (:meth:`wait`): a peer that left (stopped by a signal), whose process
+    is gone (same host), or whose heartbeat has not moved for ``timeout`` seconds
+    (``--rank-timeout``) is lost. Waiting for a slow but live peer has no time limit.
+    """
+
+    BEAT_S = 1.0
+
+    def __init__(self, rank: int, world: int, timeout: float, store=None):
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        self.rank, self.world, self.timeout = rank, world, float(timeout)
+        self.store = torch.distributed.PrefixStore("diffrecon/", store or _get_default_store())
+        self.seen: dict[int, tuple[int, float]] = {}
+        self.where: dict[int, tuple[str, int]] = {}
+        self.calls = 0
+        self._stop = threading.Event()
+        self._op(self.store.set, f"who/{rank}", f"{_host_id()} {os.getpid()}")
+        self._thread = threading.Thread(target=self._beat, daemon=True,
+                                        name="diffrecon-heartbeat")
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.BEAT_S):
+            try:
+                self.store.add(f"beat/{self.rank}", 1)
+            except Exception:  # noqa: BLE001 - the store is gone: the main thread reports it
+                return
+
+    def _op(self, fn, *args):
+        """A store operation; a store that is gone (its host died) is a lost rank."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - c10d raises RuntimeError / DistStoreError
+            first = " ".join(str(exc).split())[:160]
+            raise RankLost(f"rank {self.rank}: lost contact with the torchrun store (its "
+                           f"host, the launcher or rank 0, has died: {first}); complete "
+                           f"results are kept, rerun to resume") from None
+
+    def check(self) -> None:
+        """``RankLost`` when a peer left, died or has not beaten for ``timeout`` seconds."""
+        for r in range(self.world):
+            if r != self.rank:
+                self._check(r)
+
+    def _check(self, r: int) -> None:
+        lost = None
+        if self._op(self.store.check, [f"left/{r}"]):
+            lost = f"rank {r} {self._op(self.store.get, f'left/{r}').decode()}"
+        else:
+            beat, now = int(self._op(self.store.add, f"beat/{r}", 0)), time.monotonic()
+            last = self.seen.get(r)
+            if last is None or beat != last[0]:
+                self.seen[r] = (beat, now)
+            elif now - last[1] > self.timeout:
+                lost = f"rank {r} has not answered for {now - last[1]:.0f} s (--rank-timeout)"
+            if lost is None and r not in self.where and self._op(self.store.check,
+                                                                 [f"who/{r}"]):
+                host, pid = self._op(self.store.get, f"who/{r}").decode().rsplit(" ", 1)
+                self.where[r] = (host, int(pid))
+            if lost is None and r in self.where:
+                host, pid = self.where[r]
+                if host == _host_id() and not _alive(pid):
+                    lost = f"rank {r} (pid {pid}) has died"
+        if lost is not None:
+            raise RankLost(f"rank {self.rank}: stopping because {lost}; complete results are "
+                           f"kept, rerun to resume")
+
+    def wait(self) -> None:
+        """Return when every rank has reached this call (the n-th call of each rank),
+        checking the peers meanwhile; call before each collective."""
+        self.calls += 1
+        keys = [f"at/{self.calls}/{r}" for r in range(self.world)]
+        self._op(self.store.set, keys[self.rank], "1")
+        while not self._op(self.store.check, keys):
+            self.check()
+            time.sleep(0.1)
+
+    def all_gather(self, payload) -> list:
+        """Every rank's ``payload`` (picklable), in rank order."""
+        self.wait()
+        parts: list = [None] * self.world
+        try:
+            torch.distributed.all_gather_object(parts, payload)
+        except RuntimeError as exc:  # a peer died inside the collective (gloo: connection)
+            self.check()
+            first = " ".join(str(exc).split())[:160]
+            raise RankLost(f"rank {self.rank}: a collective failed ({first}); complete "
+                           f"results are kept, rerun to resume") from None
+        return parts
+
+    def leave(self, exc: BaseException) -> None:
+        """Tell the peers why this rank stops (best effort); under torchrun a SIGTERM
+        usually means the launcher stops every rank because one failed: the message then
+        names the lost rank when it can."""
+        reason = "was stopped" if isinstance(exc, RankLost) else f"was {exc}".split(";")[0]
+        with contextlib.suppress(Exception):
+            self.store.set(f"left/{self.rank}", reason)
+        if isinstance(exc, Interrupted):
+            what, cause = exc.args[0].split(";")[0], ""
+            try:
+                self.check()
+            except RankLost as lost:
+                cause = str(lost).split(";")[0].split("because ", 1)[-1]
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+            why = f" after {cause} (torchrun stops every rank when one fails)" if cause else ""
+            exc.args = (f"rank {self.rank}: {what}{why}; complete results are kept, rerun "
+                        f"to resume",)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+@functools.cache
+def _host_id() -> str:
+    """This machine: host name and boot id (pids are comparable only within one)."""
+    boot = ""
+    with contextlib.suppress(OSError):
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True

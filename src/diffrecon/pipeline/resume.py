@@ -57,10 +57,14 @@ def existing_result(output: Path, digest: str, overwrite: bool) -> bool:
     return False
 
 
-def remove_stale_temporaries(output: Path) -> list[Path]:
-    """Delete ``<output>.tmp-<pid>`` files left by killed runs (their pid is not alive)."""
+def remove_stale_temporaries(output: Path, cache: Path | None = None) -> list[Path]:
+    """Delete ``<output>.tmp-<pid>`` files (and ``*.tmp-<pid>`` files in the directory
+    ``cache``, the ESPIRiT cache) left by killed runs: those whose pid is not alive."""
+    found = list(output.parent.glob(f"{output.name}.tmp-*"))
+    if cache is not None and cache.is_dir():
+        found += cache.glob("*.tmp-*")
     removed = []
-    for tmp in output.parent.glob(f"{output.name}.tmp-*"):
+    for tmp in found:
         pid = tmp.name.rsplit("-", 1)[-1]
         alive = False
         if pid.isdigit() and int(pid) != os.getpid():
