@@ -60,6 +60,85 @@ class Problem:
         return x, None
 
 
+    def batches(self, indices: list[int], size: int) -> list[list[int]]:
+        """``indices`` (positions in ``slices``, in order) cut into runs of at most ``size``
+        consecutive positions whose operators :meth:`stack` can join (same operator class,
+        buffer shapes and shared parts, all noiseless or all noisy: e.g. MRI slices whose
+        coil compression kept the same number of virtual coils)."""
+        out: list[list[int]] = []
+        for j in indices:
+            if out and len(out[-1]) < size and _stack_key(self, out[-1][0]) == _stack_key(
+                    self, j):
+                out[-1].append(j)
+            else:
+                out.append([j])
+        return out
+
+    def stack(self, indices: list[int]) -> tuple[torch.Tensor, Any]:
+        """(measurements (N, ...), one physics for the N slices at positions ``indices``):
+        the per-slice operators joined along the batch axis (per-slice buffers such as MRI
+        coil maps concatenated, shared ones kept) with one noise level per row
+        (``noise_model.sigma`` of shape (N,); solvers with ``Solver.row_noise``). Slice b's
+        rows are what ``physics[indices[b]]`` gives it alone; ValueError when the operators
+        cannot be joined (:meth:`batches` avoids that)."""
+        if len(indices) == 1:
+            j = indices[0]
+            return self.measurements[j], self.physics[j]
+        return (torch.cat([self.measurements[j] for j in indices]),
+                stack_physics([self.physics[j] for j in indices]))
+
+
+NOISE = "noise_model"
+
+
+def _stack_key(problem: Problem, j: int) -> tuple:
+    """What must agree for two slices' operators to be joined (no tensor data compared)."""
+    from diffrecon.recon.common import noise_sigma
+
+    p = problem.physics[j]
+    return (type(p), tuple(problem.measurements[j].shape),
+            tuple((k, None if b is None else tuple(b.shape)) for k, b in p._buffers.items()),
+            tuple((k, id(m)) for k, m in p._modules.items() if k != NOISE),
+            tuple((k, id(v)) for k, v in p._parameters.items()), noise_sigma(p) == 0)
+
+
+def stack_physics(physics: list) -> Any:
+    """One deepinv physics for a batch of per-measurement operators of the same class (see
+    ``Problem.stack``): a shallow copy of the first whose buffers that differ between the
+    operators are concatenated along their leading (batch) axis of size 1, submodules and
+    parameters shared (the same objects), noise levels one per row."""
+    import copy
+
+    from diffrecon.operators._common import gaussian_noise
+    from diffrecon.recon.common import noise_sigma
+
+    first = physics[0]
+    if any(type(p) is not type(first) for p in physics):
+        raise ValueError("cannot stack operators of different classes")
+    clone = copy.copy(first)
+    for attr in ("_modules", "_buffers", "_parameters"):
+        setattr(clone, attr, dict(getattr(first, attr)))
+    for name, buf in first._buffers.items():
+        bufs = [p._buffers.get(name) for p in physics]
+        if all(b is buf for b in bufs):
+            continue
+        if buf is None or any(b is None or b.shape != buf.shape for b in bufs):
+            raise ValueError(f"cannot stack operators: buffer {name!r} differs in shape")
+        if all(torch.equal(b, buf) for b in bufs[1:]):
+            continue  # the same values (e.g. one MRI mask built once per slice)
+        if buf.ndim == 0 or buf.shape[0] != 1:
+            raise ValueError(f"cannot stack operators: buffer {name!r} has no batch axis")
+        clone._buffers[name] = torch.cat(bufs)
+    for kind in ("_modules", "_parameters"):
+        for name, value in getattr(first, kind).items():
+            if name != NOISE and any(getattr(p, kind).get(name) is not value for p in physics):
+                raise ValueError(f"cannot stack operators: {name!r} is not shared")
+    clone.noise_model = gaussian_noise(0.0, "stack")
+    clone.noise_model.update_parameters(sigma=torch.tensor([noise_sigma(p) for p in physics],
+                                                           dtype=torch.float64))
+    return clone
+
+
 def parse_slices(spec) -> list[int] | None:
     """'0,2,5-7' / [0, 2] / 3 / None -> sorted unique slice indices (None = all)."""
     if spec is None or spec == "" or spec == "all":

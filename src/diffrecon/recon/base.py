@@ -151,7 +151,7 @@ class SolveContext:
 
     physics: CountingPhysics
     prior: CountingPrior
-    sigma_y: float
+    sigma_y: float | tuple[float, ...]   # a tuple (one per row) for ``Solver.row_noise``
     signal_shape: tuple[int, ...]
     seed: int | Sequence[int] | None
     callback: Callable[[dict], None] | None
@@ -202,6 +202,11 @@ class Solver:
     requires_linear: ClassVar[bool] = False
     requires_prior: ClassVar[bool] = True
     working_dtype: ClassVar[torch.dtype | None] = None
+    # Measurements of a batch may carry their own noise level (a physics whose
+    # noise_model.sigma has one entry per row of y, ``problems.Problem.stack``): ctx.sigma_y
+    # is then a tuple of floats, one per row. The pipeline solves slices of one volume
+    # together only for such solvers.
+    row_noise: ClassVar[bool] = False
 
     def __init__(self, options: Any | None = None, **overrides: Any):
         opts = options if options is not None else self.Options()
@@ -235,7 +240,11 @@ class Solver:
         out_dtype, work = y.dtype, self.working_dtype
         if work is not None and y.dtype != work:
             y, physics = y.to(work), physics_in_dtype(physics, work)
-        ctx = SolveContext(CountingPhysics(physics), CountingPrior(prior), noise_sigma(physics),
+        sigma_y = noise_sigma(physics, rows=self.row_noise)
+        if not isinstance(sigma_y, float) and len(sigma_y) != y.shape[0]:
+            raise ValueError(f"{self.name}: the physics has {len(sigma_y)} noise levels for "
+                             f"{y.shape[0]} measurements")
+        ctx = SolveContext(CountingPhysics(physics), CountingPrior(prior), sigma_y,
                            signal_shape(y, physics, prior), seed, callback, {})
         draws = []
         for rows, pass_ctx in self._passes(y, ctx, num_samples):

@@ -250,30 +250,38 @@ def relative_residual(physics, x: Tensor, y: Tensor) -> Tensor:
     return r.norm(dim=1) / norm
 
 
-def noise_chi(relative: Tensor, y: Tensor, sigma: float) -> Tensor:
+def noise_chi(relative: Tensor, y: Tensor, sigma: float | Sequence[float]) -> Tensor:
     """Prior-fit statistic chi = ||A(x_b) - y_b|| / (sigma sqrt(m_b)) of each row, (B,), from
     the row's ``relative_residual`` (so A is applied once for both), m_b the number of
     nonzero entries of y_b (the sampled ones for masked k-space). A posterior mean that fits
     the data as well as the truth does has chi <= ~1; chi >> 1 means no image the prior
-    favours explains the measurements (or sigma is underestimated). NaN when sigma is 0."""
+    favours explains the measurements (or sigma is underestimated). NaN when sigma is 0.
+    ``sigma``: one level, or one per row (``noise_sigma(physics, rows=True)``)."""
     flat = y.reshape(y.shape[0], -1)
     norm = flat.norm(dim=1).clamp_min(torch.finfo(y.dtype).tiny)  # as relative_residual
     m = (flat != 0).sum(dim=1).clamp_min(1).to(norm.dtype)
+    if not isinstance(sigma, int | float):  # per row: each row as its own scalar
+        return torch.cat([noise_chi(relative[b:b + 1], y[b:b + 1], float(s))
+                          for b, s in enumerate(sigma)])
     scale = sigma * m.sqrt() if sigma > 0 else torch.full_like(m, float("nan"))
     return relative * norm / scale
 
 
-def noise_sigma(physics) -> float:
-    """Gaussian noise standard deviation of a deepinv physics (0.0 when noiseless); a
-    per-measurement (non-scalar) sigma raises ValueError. Read once per solve, at the edge,
-    so the step loop never touches the host."""
+def noise_sigma(physics, rows: bool = False) -> float | tuple[float, ...]:
+    """Gaussian noise standard deviation of a deepinv physics (0.0 when noiseless). A
+    per-measurement sigma (one entry per row of y, e.g. ``problems.Problem.stack`` of slices
+    with their own levels) is returned as a tuple of floats when ``rows`` (solvers with
+    ``Solver.row_noise``), else raises ValueError. Read once per solve, at the edge, so the
+    step loop never touches the host."""
     model = getattr(physics, "noise_model", None)
     sigma = getattr(model, "sigma", None)
     if sigma is None:
         return 0.0
     if isinstance(sigma, Tensor):
         if sigma.numel() != 1:
-            raise ValueError("per-measurement noise levels are not supported; "
+            if rows:
+                return tuple(float(s) for s in sigma.detach().cpu().reshape(-1))
+            raise ValueError("per-measurement noise levels are not supported by this solver; "
                              "give physics.noise_model a scalar sigma")
         return float(sigma.detach().cpu())
     return float(sigma)

@@ -33,7 +33,15 @@ import torch
 from torch import Tensor
 
 from .base import SolveContext, Solver, record
-from .common import cg, ddim_fresh_fraction, normal_operator, relative_residual, renoise, tweedie
+from .common import (
+    bview,
+    cg,
+    ddim_fresh_fraction,
+    normal_operator,
+    relative_residual,
+    renoise,
+    tweedie,
+)
 
 NOISE_CONVENTIONS = ("ddim", "reference")
 
@@ -92,6 +100,7 @@ class DDSSolver(Solver):
     name = "dds"
     Options = DDSOptions
     requires_linear = True
+    row_noise = True  # measurements of a batch may have their own sigma_y (gamma per row)
 
     def _sample(self, y: Tensor, ctx: SolveContext) -> Tensor:
         """Algorithm 1: per step Tweedie, data consistency from x0_hat, DDIM renoising."""
@@ -124,15 +133,26 @@ class DDSSolver(Solver):
         gamma A^T y (noisy) or on A^T A x = A^T y (noiseless)."""
         o, normal = self.options, normal_operator(ctx.physics)
         aty = ctx.physics.A_adjoint(y)
-        if ctx.sigma_y == 0:
+        levels = ctx.sigma_y if isinstance(ctx.sigma_y, tuple) else None  # one per row
+        noiseless = [s == 0 for s in levels] if levels is not None else [ctx.sigma_y == 0]
+        if any(noiseless) != all(noiseless):
+            raise ValueError("dds: a batch mixes noiseless and noisy measurements; solve them "
+                             "separately")
+        if noiseless[0]:
             return lambda x0, sigma: cg(normal, aty, x0, o.cg_iters)
         sigma_data = float(getattr(ctx.prior, "sigma_data", 0.5))
 
-        def consistency(x0, sigma):
+        def weight(sigma, sigma_y):
             if o.gamma == "auto":
-                gamma = torch.clamp(sigma, max=sigma_data).to(y.dtype) ** 2 / ctx.sigma_y ** 2
-            else:
-                gamma = o.gamma
+                return torch.clamp(sigma, max=sigma_data).to(y.dtype) ** 2 / sigma_y ** 2
+            return o.gamma
+
+        def consistency(x0, sigma):
+            if levels is None:
+                gamma = weight(sigma, ctx.sigma_y)
+            else:  # row b gets exactly the scalar weight a solve of it alone would use
+                gamma = bview(torch.stack([torch.as_tensor(weight(sigma, s), dtype=y.dtype,
+                                                           device=y.device) for s in levels]), x0)
             return cg(lambda x: x + gamma * normal(x), x0 + gamma * aty, x0, o.cg_iters)
 
         return consistency
