@@ -1,11 +1,13 @@
-"""Shared test fixtures: one torch thread on the shared CPU, a small exact image prior, and
-the published-checkpoint fixture files (``files``).
+"""Shared test fixtures: one torch thread on the shared CPU, a small exact image prior, the
+published-checkpoint fixture files (``files``), and the CLI failure checks
+(``one_line_error``, ``file_sha``).
 
 A module opts in to the thread fixture with ``pytestmark = pytest.mark.usefixtures(
 "one_thread")``."""
 
 from __future__ import annotations
 
+import hashlib
 import lzma
 import shutil
 from pathlib import Path
@@ -66,3 +68,35 @@ def files(tmp_path_factory):
         return dst
 
     return get
+
+
+def _one_line_error(res, *needles: str) -> str:
+    """The one stderr line of a CLI result that failed with exit 2, checked to start with
+    ``diffrecon: error: `` and to hold each of ``needles``; returned."""
+    err = res.stderr
+    assert res.exit_code == 2, (res.exit_code, err, res.stdout)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("diffrecon: error: "), err
+    assert "Traceback" not in err + res.stdout
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _file_sha(path) -> str:
+    """sha256 (hex) of a file's bytes: inputs are never modified."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def one_line_error():
+    """``one_line_error(cli_result, *needles) -> line``: exit 2, one stderr line
+    ``diffrecon: error: ...`` holding every needle, no traceback."""
+    return _one_line_error
+
+
+@pytest.fixture(scope="session")
+def file_sha():
+    """``file_sha(path) -> hex``: sha256 of the file's bytes."""
+    return _file_sha

@@ -16,6 +16,23 @@ def as_input_error(exc: Exception, where: str) -> InputError:
     return exc if isinstance(exc, InputError) else InputError(f"{where}: {exc}")
 
 
+def printable(text: str) -> str:
+    """``text`` safe to print as part of one line: every character that is not printable
+    is escaped as Python's repr would (newline -> ``\\n``, ESC -> ``\\x1b``, U+202E ->
+    ``\\u202e``), and the bytes of a file name that is not UTF-8 (lone surrogates, as
+    Python decodes them) are shown as ``\\xNN``. Printable text, spaces included, is
+    unchanged."""
+    out = []
+    for ch in str(text):
+        if ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:  # os.fsdecode's surrogateescape of byte NN
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(repr(ch)[1:-1] if ch not in "'\"" else ch)
+    return "".join(out)
+
+
 class Interrupted(KeyboardInterrupt):
     """The run was stopped by a signal (SIGINT / SIGTERM). A KeyboardInterrupt, so that no
     ``except Exception`` swallows it and atomic writers delete their temporaries; the CLI

@@ -122,7 +122,9 @@ class Calibration:
     def load(cls, path: str | os.PathLike) -> Calibration:
         """Read and validate a calibration file; problems raise a one-line ``InputError``
         naming the file and the key."""
-        p = Path(path)
+        from diffrecon.datasets.io import check_readable_file
+
+        p = check_readable_file(path, "a calibration file")  # a FIFO or device: unopened
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:

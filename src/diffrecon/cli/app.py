@@ -1,10 +1,10 @@
 """The ``diffrecon`` typer app and its error mapping (the CLI edge).
 
 Errors: an ``InputError`` or a usage error prints ONE line ``diffrecon: error: <message>`` on
-stderr and exits 2; any other exception prints one line and exits 1 (the traceback only with
-``--debug`` or ``DIFFRECON_DEBUG=1``). Outputs are written atomically, so a failed command
-leaves no output file. The verbs live in ``run``, ``simulate``, ``tools``, ``train`` and
-``demo`` and register themselves on ``app``.
+stderr (odd characters of file names escaped) and exits 2; any other exception prints one
+line and exits 1 (the traceback only with ``--debug`` or ``DIFFRECON_DEBUG=1``). Outputs
+are written atomically, so a failed command leaves no output file. The verbs live in
+``run``, ``simulate``, ``tools``, ``train`` and ``demo`` and register themselves on ``app``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ try:  # typer >= 0.2x vendors click as typer._click
     from typer._click import exceptions as _cx
 except ImportError:  # pragma: no cover - older typer on top of click
     from click import exceptions as _cx
-from diffrecon.errors import InputError
+from diffrecon.errors import InputError, printable
 
 PROG = "diffrecon"
 
@@ -33,8 +33,10 @@ def _debug(args) -> bool:
 
 
 def _fail(message: str, code: int) -> int:
-    line = " ".join(str(message).split())  # exactly one line
-    typer.echo(f"{PROG}: error: {line}", err=True)
+    """Print ``diffrecon: error: <message>`` as exactly one line: newlines, control
+    characters and undecodable bytes of file names are shown escaped (``errors.printable``),
+    never emitted."""
+    typer.echo(f"{PROG}: error: {printable(str(message).strip())}", err=True)
     return code
 
 

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from diffrecon.errors import printable
+
 
 class TqdmProgress:
     """Callable receiving pipeline events: one bar over files, one bar per slice over the
@@ -36,7 +38,7 @@ class TqdmProgress:
             if kind == "file":
                 self.total_steps = event.get("steps")
                 self._close_steps()
-                self.current = Path(event.get("path", "")).name
+                self.current = printable(Path(event.get("path", "")).name)
             elif self.files is not None:
                 self.files.update(1)
         elif kind == "step":
@@ -52,7 +54,7 @@ class TqdmProgress:
         elif kind == "message":
             from tqdm.auto import tqdm
 
-            tqdm.write(f"diffrecon: {event.get('text')}", file=sys.stderr)
+            tqdm.write(f"diffrecon: {printable(event.get('text'))}", file=sys.stderr)
 
     def _close_steps(self):
         if self.steps is not None:

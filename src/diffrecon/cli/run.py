@@ -18,7 +18,7 @@ try:  # typer >= 0.2x vendors click as typer._click
 except ImportError:  # pragma: no cover - older typer on top of click
     from click.core import ParameterSource
 from diffrecon.cli.app import PROG, app, print_json
-from diffrecon.errors import InputError
+from diffrecon.errors import InputError, printable
 from diffrecon.pipeline.options import RunOptions
 
 D = RunOptions()  # the defaults
@@ -141,15 +141,15 @@ def run(
     if as_json:
         print_json(summaries)
         return
-    for s in summaries:
+    for s in summaries:  # file names printed escaped (errors.printable): one line each
+        src, dst = printable(s["input"]), printable(s["output"])
         if s["status"] == "skipped":
-            typer.echo(f"skipped {s['input']}: complete result {s['output']} exists "
-                       f"(--overwrite to redo)")
+            typer.echo(f"skipped {src}: complete result {dst} exists (--overwrite to redo)")
         else:
-            typer.echo(f"{s['input']} -> {s['output']}  [{s['solver']}, {s['slices']} slices, "
+            typer.echo(f"{src} -> {dst}  [{s['solver']}, {s['slices']} slices, "
                        f"NFE {s['nfe']}, {s['wall_time_s']:.1f} s, {s['device']}]")
         for line in s.get("warnings", []):
-            typer.echo(f"{PROG}: warning: {line}", err=True)
+            typer.echo(f"{PROG}: warning: {printable(line)}", err=True)
 
 
 def run_values(ctx: typer.Context, options: list[str], config: Path | None) -> dict[str, Any]:

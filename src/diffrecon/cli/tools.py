@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from diffrecon.cli.app import app, print_json
-from diffrecon.errors import InputError
+from diffrecon.errors import InputError, printable
 
 PriorKind = Annotated[str | None, typer.Option(
     "--prior-kind", help="Checkpoint kind when the file cannot tell (adm, vpred, score_sde, "
@@ -28,10 +28,13 @@ TrustPickle = Annotated[bool, typer.Option(
 
 
 def _is_prior(path: Path) -> bool:
-    """A prior (shipped name, checkpoint file or model folder) rather than an HDF5 file."""
+    """A prior (shipped name, checkpoint file or model folder) rather than an HDF5 file; a
+    FIFO, device or socket is neither (``describe_file`` refuses it without opening it)."""
     from diffrecon import priors
 
     if path.suffix.lower() in (".h5", ".hdf5"):
+        return False
+    if path.exists() and not (path.is_dir() or path.is_file()):
         return False
     return path.is_dir() or path.exists() or str(path) in priors.available()
 
@@ -70,19 +73,23 @@ def info(
     if as_json:
         print_json(d)
         return
-    typer.echo(f"{d['file']}: {d['modality']}")
+
+    def say(text):  # the file's name, keys and attribute values escaped: one line each
+        typer.echo(printable(text))
+
+    say(f"{d['file']}: {d['modality']}")
     for key, value in d.items():
         if key in ("file", "modality", "datasets"):
             continue
         if isinstance(value, dict):
-            typer.echo(f"  {key}:")
+            say(f"  {key}:")
             for k, v in value.items():
-                typer.echo(f"    {k}: {v}")
+                say(f"    {k}: {v}")
         else:
-            typer.echo(f"  {key}: {value}")
-    typer.echo("  datasets:")
+            say(f"  {key}: {value}")
+    say("  datasets:")
     for name, ds in d["datasets"].items():
-        typer.echo(f"    {name}: {tuple(ds['shape'])} {ds['dtype']}")
+        say(f"    {name}: {tuple(ds['shape'])} {ds['dtype']}")
 
 
 @app.command("convert-prior")

@@ -31,12 +31,14 @@ fastMRI does: :func:`mask_seed_from_filename`.
 from __future__ import annotations
 
 import os
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from diffrecon.datasets.io import (
@@ -51,6 +53,7 @@ from diffrecon.datasets.io import (
 from diffrecon.errors import InputError
 
 ISMRMRD_NS = "http://www.ismrm.org/ISMRMRD"
+_XML_DECL = re.compile(rb"^\s*<\?xml[^>]*\?>")
 
 
 @dataclass
@@ -213,9 +216,46 @@ def _query(root, qlist: Sequence[str]):
     return root.find(s, {"ismrmrd_namespace": ISMRMRD_NS})
 
 
+def read_header_xml(f, path) -> str | None:
+    """The text of dataset ``ismrmrd_header`` (None when absent): one string, stored as
+    bytes (fixed-length or variable-length string, or opaque), strictly UTF-8 (ISMRMRD
+    writes UTF-8; a latin-1 header would be re-written as mojibake) and not empty. A group,
+    a numeric dataset, several strings or undecodable bytes raise ``InputError``."""
+    if "ismrmrd_header" not in f:
+        return None
+    where = f"{path}: dataset 'ismrmrd_header'"
+    ds = f["ismrmrd_header"]
+    if not isinstance(ds, h5py.Dataset):
+        raise InputError(f"{where} is a group, expected a string dataset of ISMRMRD XML")
+    if ds.dtype.kind not in "SOV" or (ds.dtype.kind == "O" and h5py.check_string_dtype(
+            ds.dtype) is None):
+        raise InputError(f"{where} has dtype {ds.dtype}, expected a string of ISMRMRD XML")
+    if ds.size != 1:
+        raise InputError(f"{where} has shape {ds.shape}, expected one string of ISMRMRD XML")
+    try:
+        raw = ds[()]
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{where} cannot be read (truncated or corrupt file)") from exc
+    raw = np.asarray(raw).reshape(-1)[0] if isinstance(raw, np.ndarray) else raw
+    raw = raw.tobytes() if isinstance(raw, np.void) else raw
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{where} is not UTF-8 text (byte {raw[exc.start]:#04x} at "
+                             f"position {exc.start}), expected ISMRMRD XML in UTF-8") from None
+    if not str(raw).strip():
+        raise InputError(f"{where} is empty, expected an ISMRMRD XML header")
+    return str(raw)
+
+
 def parse_header(xml: bytes | str, path="<header>") -> dict[str, Any]:
     """ISMRMRD XML -> header dict; a missing or non-numeric required element raises
-    ``InputError`` naming it."""
+    ``InputError`` naming it. Entity expansion is bounded and external entities are never
+    fetched (the standard library's expat; tests: billion laughs, XXE)."""
+    if isinstance(xml, str):  # a declaration other than UTF-8 must not re-decode it
+        xml = xml.encode("utf-8")
+        xml = _XML_DECL.sub(b"", xml, count=1)
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as exc:
@@ -232,8 +272,9 @@ def parse_header(xml: bytes | str, path="<header>") -> dict[str, Any]:
         try:
             return cast(el.text.strip())
         except ValueError as exc:
+            want = "an integer" if cast is int else "a number"
             raise InputError(f"{path}: dataset 'ismrmrd_header' element {'/'.join(qlist)} is "
-                             f"{el.text!r}, expected a number") from exc
+                             f"{el.text!r}, expected {want}") from exc
 
     def xyz(prefix, cast, required=True):
         vals = tuple(get([*prefix, a], cast, required) for a in "xyz")
@@ -260,17 +301,9 @@ def read_mri_scan(path: str | os.PathLike, slices=None) -> MRIScan:
         index = slice_selection(f, "kspace", slices)
         ks = read_array(f, "kspace", kinds="c", ndim=(3, 4), index=index)
         n, (kx, ky) = ks.shape[0], ks.shape[-2:]
-        if "ismrmrd_header" in f:
-            raw = f["ismrmrd_header"][()]
-            if isinstance(raw, np.ndarray):
-                raw = raw.tobytes() if raw.dtype.kind in "SUV" else raw.item()
-            if not isinstance(raw, (bytes, str)):
-                raise InputError(f"{path}: dataset 'ismrmrd_header' has type "
-                                 f"{type(raw).__name__}, expected bytes of ISMRMRD XML")
-            header, header_xml = parse_header(raw, path), (
-                raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-        else:
-            header, header_xml = default_header((kx, ky)), None
+        header_xml = read_header_xml(f, path)
+        header = default_header((kx, ky)) if header_xml is None else parse_header(
+            header_xml, path)
 
         mask = read_array(f, "mask", kinds="biuf", ndim=(1, 2), required=False)
         if mask is not None:

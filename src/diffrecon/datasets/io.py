@@ -13,9 +13,12 @@ Result files (written by the pipeline, readable with plain h5py)::
     attrs                   provenance: str / int / float / bool / numeric arrays; nested
                             dicts, None and mixed lists are stored as JSON strings
 
-Every writer goes through :func:`atomic_h5`: the file is written to ``<path>.tmp-<pid>`` in
-the same directory, flushed and fsynced, then renamed over ``path`` with ``os.replace``; on
-an exception the temporary file is deleted, so a reader never sees a partial file. No
+Every writer goes through :func:`atomic_h5`: the file is built in memory, written to
+``<path>.tmp-<pid>`` in the same directory, fsynced, then renamed over ``path`` with
+``os.replace``; on an exception (a full disk included) the temporary file is deleted, so a
+reader never sees a partial file. Every reader opens through :func:`open_h5_checked`: a
+regular, readable HDF5 file whose datasets are all stored in it (no FIFO or device is ever
+opened, no external link followed). No
 timestamps are stored (h5py ``track_times`` is off), so identical content gives
 byte-identical files.
 """
@@ -23,9 +26,11 @@ byte-identical files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +47,47 @@ _KIND_NAMES = {"c": "complex", "f": "real floating-point", "b": "boolean", "i": 
 
 # --------------------------------------------------------------------------- opening / writing
 
-def open_h5_checked(path: str | os.PathLike) -> h5py.File:
-    """Open ``path`` read-only; a missing, non-HDF5 or corrupt file raises ``InputError``."""
+def check_readable_file(path: str | os.PathLike, what: str = "an HDF5 file") -> Path:
+    """``path`` as a Path when it names a readable regular file (symbolic links followed);
+    else ``InputError`` saying what it is: missing, a dangling or looping symbolic link, a
+    directory, a FIFO, device or socket (refused from ``stat`` alone, never opened, so a
+    FIFO cannot block the run), or not readable by this user. ``what`` is what was
+    expected, for the message ('an HDF5 file', 'a checkpoint file', ...)."""
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file")
-    if p.is_dir():
-        raise InputError(f"{p}: is a directory, expected an HDF5 file")
+    try:
+        st = os.stat(p)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{p}: symbolic link loop, expected {what}") from None
+        if os.path.islink(p):
+            raise InputError(f"{p}: symbolic link to {os.readlink(p)}, which does not exist"
+                             ) from None
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise InputError(f"{p}: no such file") from None
+        raise InputError(f"{p}: cannot be read ({exc.strerror}), expected {what}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{p}: is a directory, expected {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{p}: is a {_file_kind(st.st_mode)}, expected {what} (a "
+                         f"regular file; not opened)")
+    if not os.access(p, os.R_OK):
+        raise InputError(f"{p}: permission denied, expected {what} readable by this user")
+    return p
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def open_h5_checked(path: str | os.PathLike) -> h5py.File:
+    """Open ``path`` read-only after :func:`check_readable_file`; a non-HDF5 or corrupt file,
+    or one whose links or storage reach outside it (:func:`check_links`), raises
+    ``InputError``."""
+    p = check_readable_file(path)
     try:
         is_hdf5 = h5py.is_hdf5(p)
     except OSError as exc:
@@ -56,31 +95,133 @@ def open_h5_checked(path: str | os.PathLike) -> h5py.File:
     if not is_hdf5:
         raise InputError(f"{p}: not an HDF5 file")
     try:
-        return h5py.File(p, "r")
+        f = h5py.File(p, "r")
     except OSError as exc:
         raise InputError(f"{p}: truncated or corrupt HDF5 file") from exc
+    try:
+        check_links(f, p)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+MAIN_DATASETS = ("reconstruction", "kspace", "sinogram", "measurement")
+MAX_SOFT_LINKS = 16  # HDF5's own default limit on soft-link hops (H5L_NUM_LINKS)
+
+
+def check_links(f: h5py.File, path) -> None:
+    """Every name at the root of ``f`` must lead to an object stored in ``f`` itself:
+
+    - a soft link is followed (hop by hop, at most ``MAX_SOFT_LINKS``) and must end at an
+      object of this file: a dangling or looping one is an ``InputError`` naming the key;
+    - an external link is REFUSED, not followed, whether its target exists or not: the
+      result's provenance (``input_sha256``) and the resume fingerprint cover this file's
+      bytes only, so data read from another file could change without a rerun noticing;
+      and a scan must not make diffrecon open other paths of the machine (a FIFO, a device,
+      a private file) on its behalf. The same holds for datasets whose data live in other
+      files (virtual datasets, external raw storage);
+    - hard links need no check (two names of one dataset are fine).
+
+    Scan and result layouts keep their datasets at the root, so the root is what is read.
+    The layouts' main datasets are checked first, then names no other link points to, so
+    that the error names the dataset the layout reads ('kspace', not the 'a' it links to)."""
+    try:
+        links = {name: f.get(name, getlink=True) for name in f}
+    except (KeyError, OSError, RuntimeError, ValueError) as exc:
+        raise InputError(f"{path}: truncated or corrupt HDF5 file (its root group cannot be "
+                         f"listed: {' '.join(str(exc).split())})") from exc
+    pointed = {link.path.strip("/").split("/")[0] for link in links.values()
+               if isinstance(link, h5py.SoftLink)}
+    for name in sorted(links, key=lambda n: (n not in MAIN_DATASETS, n in pointed)):
+        where = f"{path}: '{name}'"
+        try:
+            target = _resolve(f, "/" + name, [0], where)
+            obj = f[target]
+            if isinstance(obj, h5py.Dataset):
+                plist = obj.id.get_create_plist()
+                if obj.is_virtual or plist.get_external_count() > 0:
+                    kind = "a virtual dataset" if obj.is_virtual else "external raw storage"
+                    raise InputError(f"{where} keeps its data in other files ({kind}), "
+                                     f"which are not followed; expected the data in this file "
+                                     f"(copy it in, e.g. with h5copy)")
+        except InputError:
+            raise
+        except (KeyError, OSError, RuntimeError, ValueError) as exc:
+            raise InputError(f"{where} cannot be opened (truncated or corrupt file: "
+                             f"{' '.join(str(exc).split())})") from exc
+
+
+def _resolve(f: h5py.File, target: str, hops: list[int], where: str) -> str:
+    """The hard-link path that ``target`` (absolute) leads to, walking it component by
+    component so that no soft or external link is ever traversed by HDF5 itself; ``hops``
+    counts the soft links followed for the whole walk."""
+    current = ""
+    for part in (q for q in target.split("/") if q and q != "."):
+        here = f"{current}/{part}"
+        link = f.get(here, getlink=True)
+        if link is None:
+            raise InputError(f"{where} is a soft link to '{target}', which does not exist in "
+                             f"the file; expected a dataset")
+        if isinstance(link, h5py.ExternalLink):
+            how = "leads through" if hops[0] else "is"
+            raise InputError(f"{where} {how} an external link to '{link.path}' in file "
+                             f"{link.filename!r}; external links are not followed (the data "
+                             f"must be in this file, which the result's input checksum "
+                             f"covers)")
+        if isinstance(link, h5py.SoftLink):
+            hops[0] += 1
+            if hops[0] > MAX_SOFT_LINKS:
+                raise InputError(f"{where} is a soft link that loops (more than "
+                                 f"{MAX_SOFT_LINKS} hops); expected a dataset")
+            dest = link.path if link.path.startswith("/") else f"{current}/{link.path}"
+            here = _resolve(f, dest, hops, where)
+        current = here
+    return current or "/"
 
 
 @contextlib.contextmanager
 def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
     """Context manager yielding a writable ``h5py.File`` that appears at ``path`` only on
-    success (temporary ``<path>.tmp-<pid>`` in the same directory, fsync, ``os.replace``)."""
+    success.
+
+    The file is built in memory (HDF5 ``core`` driver, no backing store) and its image is
+    then written with one plain write to ``<path>.tmp-<pid>`` in the same directory,
+    fsynced and renamed over ``path`` (``os.replace``). So HDF5 never meets a failing
+    write: on a full disk, a quota or a file-size limit, h5py otherwise leaves the library
+    with unflushable dirty metadata (tracebacks from its destructors, a crash at exit). A
+    write that fails (ENOSPC, EDQUOT, EFBIG, EROFS, EACCES, a vanished directory) deletes
+    the temporary and raises ``InputError`` naming ``path``: exit 2, like an unwritable
+    -o directory caught before the work, because the user must act on the output location
+    (free space, choose another -o) and the rerun then completes; it is no diffrecon bug
+    (exit 1). Cost: the file's image is held in memory (twice, briefly, while written)."""
     p = Path(path)
     if p.parent and not p.parent.exists():
         raise InputError(f"{p}: output directory {p.parent} does not exist")
+    check_not_special(p)
     tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
-    f = h5py.File(tmp, "w", track_order=False)
+    f = h5py.File(tmp, "w", driver="core", backing_store=False, track_order=False)
     try:
         yield f
         f.flush()
+        image = f.id.get_file_image()
         f.close()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(image)
+                fh.flush()
+                os.fsync(fh.fileno())
+            del image
+            os.replace(tmp, p)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise InputError(f"{p}: cannot write the file ({reason}); nothing was written "
+                             f"(no partial or temporary file left), free space or choose "
+                             f"another output and rerun") from exc
     except BaseException:
         with contextlib.suppress(Exception):
             f.close()
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
@@ -91,9 +232,24 @@ def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
             os.close(dfd)
 
 
+def check_not_special(output: Path) -> None:
+    """``InputError`` when ``output`` exists as a FIFO, device or socket: it is never opened
+    (a FIFO would block) nor replaced (as root, renaming a result over /dev/null would
+    replace the device for the whole machine), whatever ``--overwrite`` says."""
+    try:
+        mode = os.stat(output).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InputError(f"-o/--output {output} is a {_file_kind(mode)}, expected a result "
+                         f"file name (it is never opened or replaced)")
+
+
 def check_output_path(output: Path, input_path: Path | None = None) -> None:
     """InputError unless ``output`` can be written as a new file: not the input itself, not a
-    directory, in an existing writable directory (checked before any expensive work)."""
+    directory, FIFO, device or socket, in an existing writable directory (checked before
+    any expensive work)."""
+    check_not_special(output)
     if (input_path is not None and output.exists() and input_path.exists()
             and output.resolve() == input_path.resolve()):
         raise InputError(f"-o/--output {output} is the input file; inputs are never modified")
@@ -101,7 +257,8 @@ def check_output_path(output: Path, input_path: Path | None = None) -> None:
         raise InputError(f"-o/--output {output} is a directory, expected a result file name")
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
-        raise InputError(f"-o/--output {output}: directory {parent} does not exist")
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise InputError(f"-o/--output {output}: directory {parent} {what}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"-o/--output {output}: directory {parent} is not writable")
 
@@ -120,8 +277,7 @@ def detect_modality(path: str | os.PathLike) -> str:
     (``reconstruction``); anything else raises ``InputError``."""
     with open_h5_checked(path) as f:
         keys = set(f.keys())
-    for key, modality in (("reconstruction", "result"), ("kspace", "mri"),
-                          ("sinogram", "ct"), ("measurement", "image")):
+    for key, modality in zip(MAIN_DATASETS, ("result", "mri", "ct", "image"), strict=True):
         if key in keys:
             return modality
     found = ", ".join(sorted(keys)) or "none"
@@ -214,20 +370,36 @@ def attrs_to_dict(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def storable_text(text: str) -> str:
+    """``text`` as valid UTF-8 for an HDF5 string. A file name that is not UTF-8 reaches
+    Python with its odd bytes as lone surrogates (b'scan\\xff.h5' -> 'scan\\udcff.h5');
+    those bytes are stored as backslash escapes ('scan\\\\xff.h5')."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape" if all(
+            not 0xD800 <= ord(c) < 0xDC80 for c in text) else "backslashreplace")
+        return raw.decode("utf-8", "backslashreplace")
+
+
 def attr_value(value: Any) -> Any:
     """A Python value -> something HDF5 stores natively (JSON string for dicts, None,
-    mixed or nested lists; numeric arrays stay arrays; paths become strings)."""
-    if isinstance(value, (str, bool, int, float, np.generic)):
+    mixed or nested lists; numeric arrays stay arrays; paths become strings; text that is
+    not UTF-8 through :func:`storable_text`)."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, (bool, int, float, np.generic)):
         return value
     if isinstance(value, os.PathLike):
-        return os.fspath(value)
+        return storable_text(os.fspath(value))
     if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
         return value
     if isinstance(value, (list, tuple)) and value and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
         return np.asarray(value)
     if isinstance(value, (list, tuple)) and value and all(isinstance(x, str) for x in value):
-        return [str(x) for x in value]
+        return [storable_text(str(x)) for x in value]
     return json.dumps(_jsonable(value), sort_keys=True)
 
 

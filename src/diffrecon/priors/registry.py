@@ -67,6 +67,10 @@ def load(path_or_name: str | os.PathLike, kind: str | None = None, config=None, 
     if not Path(name).exists():
         raise InputError(f"{name!r} is neither a shipped prior {available()} nor an "
                          "existing checkpoint path.")
+    if not Path(name).is_dir():  # a FIFO or device is refused unopened (a FIFO would block)
+        from diffrecon.datasets.io import check_readable_file
+
+        check_readable_file(name, "a checkpoint file or model folder")
     if kind is not None and kind not in KINDS:
         raise InputError(f"unknown prior kind {kind!r}; expected one of {', '.join(KINDS)}.")
     return checkpoints.load_checkpoint(name, kind, config, trust_pickle=trust_pickle,
