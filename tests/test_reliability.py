@@ -4,11 +4,12 @@ inputs are never modified.
 
 Output naming: no result path may equal or replace an input of the same run (whatever
 ``--overwrite`` says); two inputs mapping to one result are refused naming both; result
-files (recognised by their provenance, not their name) are never taken as inputs."""
+files (recognised by their provenance, not their name) are never taken as inputs.
+
+The failure checks (``one_line_error``, ``file_sha``) are fixtures of conftest.py."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -40,55 +41,43 @@ def _copy(template: Path, dest: Path, seed: int | None = None) -> Path:
     return _scan(dest, seed)
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def run_cli(*args: str):
     return runner.invoke(app, ["run", *map(str, args), "--solver", "zero-filled", "--quiet",
                                "--device", "cpu"])
 
 
-def one_line_error(res, *needles: str) -> str:
-    err = res.stderr
-    assert res.exit_code == 2, (res.exit_code, err, res.stdout)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("diffrecon: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
 # ------------------------------------------------------------------------ output naming
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_result_path_that_is_an_input_is_refused(tmp_path, template, overwrite):
+def test_result_path_that_is_an_input_is_refused(tmp_path, template, overwrite, one_line_error,
+                                                 file_sha):
     """x.h5 and the SCAN x_recon.h5 in one directory, -o that directory: x.h5's result
     would replace the scan x_recon.h5; refused before anything is written."""
     d = tmp_path / "study"
     x = _copy(template, d / "x.h5")
     victim = _copy(template, d / "x_recon.h5", seed=7)
-    before = {p.name: _sha(p) for p in (x, victim)}
+    before = {p.name: file_sha(p) for p in (x, victim)}
     res = run_cli(d, "-o", d, *(["--overwrite"] if overwrite else []))
     one_line_error(res, "x_recon.h5", "x.h5")
-    assert {p.name: _sha(p) for p in (x, victim)} == before
+    assert {p.name: file_sha(p) for p in (x, victim)} == before
     assert sorted(p.name for p in d.iterdir()) == ["x.h5", "x_recon.h5"]
 
 
-def test_single_input_output_is_the_input_or_a_link_to_it(tmp_path, template):
+def test_single_input_output_is_the_input_or_a_link_to_it(tmp_path, template, one_line_error,
+                                                          file_sha):
     x = _copy(template, tmp_path / "x.h5")
     link = tmp_path / "link.h5"
     link.symlink_to(x)
-    before = _sha(x)
+    before = file_sha(x)
     for out in (x, link):
         one_line_error(run_cli(x, "-o", out, "--overwrite"), "input")
-    assert _sha(x) == before
+    assert file_sha(x) == before
 
 
 @pytest.mark.parametrize("names", [("a/scan.h5", "b/scan.h5"), ("a/x.h5", "a/x.hdf5")])
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_two_inputs_one_result_refused_naming_both(tmp_path, template, names, overwrite):
+def test_two_inputs_one_result_refused_naming_both(tmp_path, template, names, overwrite,
+                                                   one_line_error):
     first, second = (_copy(template, tmp_path / n, seed=i) for i, n in enumerate(names))
     out = tmp_path / "out"
     res = run_cli(first, second, "-o", out, *(["--overwrite"] if overwrite else []))
@@ -97,24 +86,24 @@ def test_two_inputs_one_result_refused_naming_both(tmp_path, template, names, ov
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_directory_with_two_stems_refused(tmp_path, template):
+def test_directory_with_two_stems_refused(tmp_path, template, one_line_error):
     d = tmp_path / "in"
     _copy(template, d / "x.h5")
     _copy(template, d / "x.hdf5", seed=3)
     one_line_error(run_cli(d, "-o", tmp_path / "out"), "x.h5", "x.hdf5")
 
 
-def test_batch_into_its_own_directory_reruns(tmp_path, template):
+def test_batch_into_its_own_directory_reruns(tmp_path, template, file_sha):
     """-o the input directory: the rerun skips the results (recognised by provenance)."""
     d = tmp_path / "in"
     a, b = _copy(template, d / "a.h5"), _copy(template, d / "b.h5", seed=2)
     res = run_cli(d, "-o", d)
     assert res.exit_code == 0, res.stderr
-    results = {p: _sha(p) for p in (d / "a_recon.h5", d / "b_recon.h5")}
+    results = {p: file_sha(p) for p in (d / "a_recon.h5", d / "b_recon.h5")}
     res = run_cli(d, "-o", d)
     assert res.exit_code == 0, res.stderr
     assert res.stdout.count("skipped") == 2, res.stdout
-    assert {p: _sha(p) for p in results} == results
+    assert {p: file_sha(p) for p in results} == results
     # a result renamed to look like a scan is still a result; a scan named like a result
     # is still a scan
     (d / "a_recon.h5").rename(d / "c.h5")
@@ -123,11 +112,11 @@ def test_batch_into_its_own_directory_reruns(tmp_path, template):
     assert res.exit_code == 0, res.stderr
     assert sorted(p.name for p in (tmp_path / "out").glob("*.h5")) == [
         "a_recon.h5", "b_recon.h5", "z_recon_recon.h5"]
-    assert _sha(a) == _sha(template)
-    assert _sha(b) != _sha(a)
+    assert file_sha(a) == file_sha(template)
+    assert file_sha(b) != file_sha(a)
 
 
-def test_directory_of_results_only_is_refused(tmp_path, template):
+def test_directory_of_results_only_is_refused(tmp_path, template, one_line_error):
     d = tmp_path / "in"
     _copy(template, d / "a.h5")
     assert run_cli(d, "-o", tmp_path / "res").exit_code == 0
@@ -223,7 +212,7 @@ def test_bad_run_option_refused(field, value, flag):
     (["--solver", "reddiff", "--option", "steps=abc"], "steps"),
     (["--solver", "tv", "--option", "iters=-3"], "iters"),
 ])
-def test_bad_options_refused_before_any_file_is_read(tmp_path, args, flag):
+def test_bad_options_refused_before_any_file_is_read(tmp_path, args, flag, one_line_error):
     """The input does not even exist: the option is named, not the file."""
     res = runner.invoke(app, ["run", str(tmp_path / "missing.h5"), "-o", str(tmp_path / "o.h5"),
                               "--quiet", *args])
@@ -231,7 +220,7 @@ def test_bad_options_refused_before_any_file_is_read(tmp_path, args, flag):
     assert "missing.h5" not in line
 
 
-def test_prior_that_is_no_checkpoint(tmp_path, template):
+def test_prior_that_is_no_checkpoint(tmp_path, template, one_line_error):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
     x = _copy(template, tmp_path / "x.h5")
@@ -291,18 +280,18 @@ def mri_maps(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("case", sorted(DEGENERATE_MRI))
-def test_degenerate_mri_is_an_input_error(tmp_path, mri_maps, case):
+def test_degenerate_mri_is_an_input_error(tmp_path, mri_maps, case, one_line_error, file_sha):
     edit, words = DEGENERATE_MRI[case]
     x = _edit(_copy(mri_maps, tmp_path / "deg.h5"), edit)
-    before = _sha(x)
+    before = file_sha(x)
     out = tmp_path / "o.h5"
     res = run_cli(x, "-o", out)
     one_line_error(res, "deg.h5", *words)
     assert not out.exists() and not list(tmp_path.glob("o.h5.tmp*"))
-    assert _sha(x) == before
+    assert file_sha(x) == before
 
 
-def test_degenerate_side_file_maps(tmp_path, mri_maps):
+def test_degenerate_side_file_maps(tmp_path, mri_maps, one_line_error):
     x = _copy(mri_maps, tmp_path / "x.h5")
     with h5py.File(x) as f:
         maps = f["coil_maps"][()]
@@ -313,7 +302,7 @@ def test_degenerate_side_file_maps(tmp_path, mri_maps):
         one_line_error(res, name, "'coil_maps'")
 
 
-def test_ct_angles_all_equal(tmp_path):
+def test_ct_angles_all_equal(tmp_path, one_line_error):
     from diffrecon.datasets.simulate import simulate_ct
 
     x = simulate_ct(tmp_path / "ct.h5", size=16, slices=1, views=8)
@@ -397,7 +386,7 @@ def _arrays(directory: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
-def test_signal_stops_with_one_line_and_the_rerun_resumes(tmp_path, sig, code):
+def test_signal_stops_with_one_line_and_the_rerun_resumes(tmp_path, sig, code, file_sha):
     """Ctrl-C / SIGTERM in the middle of a batch: exit 130 / 143 with one line, no
     temporary file, complete results kept; the rerun finishes the batch with the same bits
     as an uninterrupted run."""
@@ -425,10 +414,10 @@ def test_signal_stops_with_one_line_and_the_rerun_resumes(tmp_path, sig, code):
     assert not list(out.glob("*.tmp*")), list(out.iterdir())
     done = sorted(p.name for p in out.glob("*.h5"))
     assert len(done) < 5
-    kept = {n: _sha(out / n) for n in done}
+    kept = {n: file_sha(out / n) for n in done}
     rerun = _cli(d, "-o", out)
     assert rerun.returncode == 0
-    assert {n: _sha(out / n) for n in done} == kept  # complete results are not redone
+    assert {n: file_sha(out / n) for n in done} == kept  # complete results are not redone
     assert _arrays(out) == _arrays(ref) and len(_arrays(ref)) == 15
 
 
