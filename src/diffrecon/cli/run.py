@@ -116,6 +116,15 @@ def run(
         show_default=False)] = D.calibration,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo inputs whose result "
                                             "exists (default: skip them).")] = D.overwrite,
+    threads: Annotated[int, typer.Option(
+        "--threads", help="Torch and BLAS threads per process, the same in one process and "
+                          "under torchrun whatever OMP_NUM_THREADS says (results depend on it "
+                          "in the last bits; recorded as the result's 'threads').")
+                       ] = D.threads,
+    rank_timeout: Annotated[float, typer.Option(
+        "--rank-timeout", help="Under torchrun: seconds without a heartbeat after which a "
+                               "rank is taken as dead and the others stop.")
+                            ] = D.rank_timeout,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary (rank 0).")
                        ] = False,

@@ -30,6 +30,12 @@ BASELINE_SOLVERS = {"mri": "tv", "ct": "tv", "image": "tv"}  # best classical on
 # (RESULTS.md section 2) DDS 100 is at least as good as DDS 50 on all 9 tasks (+0 to +2.1 dB)
 # at twice the time.
 DEFAULT_STEPS = {"dds": 100}
+# Intra-op threads per process when --threads is not given: a constant, not the core count
+# or OMP_NUM_THREADS (torchrun sets 1 per rank), so that a single process and every torchrun
+# rank reduce in the same order and give the same bits on any machine. One thread: torchrun
+# (one rank per core) is the parallel mode, and on a loaded or small CPU more threads per
+# process are slower (RESULTS.md, issue 18); raise it for one large scan on an idle machine.
+DEFAULT_THREADS = 1
 
 RESULT = "result"  # field metadata: False for options that do not change the result
 
@@ -58,6 +64,11 @@ class RunOptions:
     calibration: a calibration file (``diffrecon calibrate``): the result also holds the
     calibrated intervals ``lower_<level>`` / ``upper_<level>`` (``pipeline.calibrate``).
     overwrite: redo an input whose complete result exists (default: skip it).
+    threads: torch intra-op and BLAS threads of each process (default ``DEFAULT_THREADS``,
+    never read from OMP_NUM_THREADS: CPU reductions depend on the thread count, so a fixed
+    number gives the same bits in one process and under torchrun; ``pipeline.concurrency``).
+    rank_timeout: under torchrun, seconds without a heartbeat after which a rank is taken as
+    dead and the others stop (``batch.Peers``).
     """
 
     solver: str | None = None
@@ -81,9 +92,15 @@ class RunOptions:
     save_samples: bool = False
     calibration: str | Path | None = None
     overwrite: bool = field(default=False, metadata={RESULT: False})
+    threads: int = field(default=DEFAULT_THREADS, metadata={RESULT: False})  # provenance
+    rank_timeout: float = field(default=60.0, metadata={RESULT: False})
 
     def __post_init__(self):
         _integer("--samples", self.samples, 1)
+        _integer("--threads", self.threads, 1, 4096)
+        if not _number(self.rank_timeout, 1, math.inf):
+            raise InputError(f"--rank-timeout {self.rank_timeout!r} is not valid; expected "
+                             f"a finite number of seconds >= 1")
         _integer("--seed", self.seed, 0, SEED_MAX)
         for flag, value, low in (("--batch-size", self.batch_size, 1), ("--steps", self.steps, 1),
                                  ("--prior-label", self.prior_label, 0)):

@@ -21,10 +21,11 @@ result is written atomically with its provenance. Conventions of the written res
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import torch
 from diffrecon.errors import InputError, as_input_error
 from diffrecon.problems import Problem, check_acquisition, load_problem
 
+from .concurrency import fixed_threads, output_lock
 from .options import (
     DEFAULT_PRIORS,
     RunOptions,
@@ -124,8 +126,34 @@ def reconstruct_file(input_path, output_path, options: RunOptions | None = None,
     Returns a summary dict (input, output, status 'done' | 'skipped', solver, nfe, ...).
     """
     t0 = time.perf_counter()
-    opts = RunOptions.of(options, **overrides)
-    plan = plan_run(input_path, output_path, opts)
+    with planned(input_path, output_path, RunOptions.of(options, **overrides), progress,
+                 shard) as plan:
+        return reconstruct_planned(plan, progress, shard, t0)
+
+
+@contextlib.contextmanager
+def planned(input_path, output_path, options: RunOptions, progress: Progress | None = None,
+            shard=None, wait: bool = True) -> Iterator[Plan | None]:
+    """Within: the validated :class:`Plan` of a file, holding its output's lock (concurrent
+    runs compute each result once; under torchrun rank 0 holds it) with the thread count
+    fixed (``concurrency``). ``wait=False``: yields None at once when another run holds
+    the lock."""
+    plan = plan_run(input_path, output_path, options)
+    lock = contextlib.nullcontext(True) if shard is not None and shard.rank != 0 else \
+        output_lock(plan.output_path, blocking=wait, on_wait=lambda text: _emit(
+            progress, event="message", text=text))
+    with lock as held, fixed_threads(plan.options.threads):
+        yield plan if held else None
+
+
+def reconstruct_planned(plan: Plan, progress: Progress | None = None, shard=None,
+                        t0: float | None = None) -> dict[str, Any] | None:
+    """:func:`reconstruct_file` of a plan (within :func:`planned`); ``t0``: when the job
+    started (``time.perf_counter``; default now)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    opts = plan.options
+    if shard is None or shard.rank == 0:  # the lock holder: temporaries of killed runs
+        remove_stale_temporaries(plan.output_path, maps_cache(plan.output_path))
     if existing_result(plan.output_path, plan.digest, opts.overwrite):
         _emit(progress, event="skip", path=str(plan.input_path), output=str(plan.output_path))
         return {"input": str(plan.input_path), "output": str(plan.output_path),
@@ -259,7 +287,8 @@ def write(plan: Plan, problem: Problem, solver, results: dict[int, dict[str, Any
         "prior_sha256": prior_checksum, "seed": st["seed"],
         "seed_convention": "slice k draws from seed material (seed, k)",
         "num_samples": st["samples"], "slices": np.asarray(order, dtype=np.int64),
-        "device": device, "nfe": int(max(nfe)) if nfe else 0,
+        "device": device, "threads": int(torch.get_num_threads()),
+        "nfe": int(max(nfe)) if nfe else 0,
         "nfe_per_slice": np.asarray(nfe, dtype=np.int64),
         "solve_time_s": float(sum(r["wall_time_s"] for r in per)),
         "wall_time_s": float(time.perf_counter() - t0),
