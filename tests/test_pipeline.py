@@ -197,13 +197,14 @@ def test_oom_halves_batch_and_tells(monkeypatch, tmp_path, scans):
     events = []
     out = tmp_path / "r.h5"
     pipeline.reconstruct_file(scans["ct"], out, solver="dds", prior=IsoGaussian(channels=1),
-                              steps=2, batch_size=8, slices=[0], progress=events.append)
+                              steps=2, solver_options={"batch_size": 8}, slices=[0],
+                              progress=events.append)
     assert tried == [8, 4, 2]
     assert [e["text"] for e in events if e["event"] == "message"] == [
-        "ct.h5: CUDA out of memory; retrying with --batch-size 4",
-        "ct.h5: CUDA out of memory; retrying with --batch-size 2"]
+        "ct.h5: CUDA out of memory; retrying with --option batch_size=4 (samples per pass)",
+        "ct.h5: CUDA out of memory; retrying with --option batch_size=2 (samples per pass)"]
     assert read_result(out).attrs["solver_options"]["batch_size"] == 2  # what ran
-    with pytest.raises(RuntimeError, match="even with --batch-size 1"):
+    with pytest.raises(RuntimeError, match="even with one slice and one sample"):
         smaller_batches(DDSSolver(batch_size=1), "f.h5", None)
 
 

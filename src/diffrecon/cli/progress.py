@@ -44,8 +44,10 @@ class TqdmProgress:
         elif kind == "step":
             if self.steps is None:
                 pos = {} if self.files is None else {"position": self.offset + 1}
+                ks = event.get("slices") or [event.get("slice")]
+                what = f"slice{'s' if len(ks) > 1 else ''} {','.join(map(str, ks))}"
                 self.steps = self._tqdm(total=self.total_steps, unit="step",
-                                        desc=f"{self.current} slice {event.get('slice')}", **pos)
+                                        desc=f"{self.current} {what}", **pos)
             self.steps.update(1)
         elif kind == "slice":
             self._close_steps()

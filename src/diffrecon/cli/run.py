@@ -78,8 +78,10 @@ def run(
         "--slices", help="Slices to reconstruct, e.g. '0,2,5-7' (default: all).",
         show_default=False)] = D.slices,
     batch_size: Annotated[int | None, typer.Option(
-        "--batch-size", help="Posterior samples / particles per pass (memory bound; halved "
-                             "automatically on CUDA out-of-memory). Default: solver's.",
+        "--batch-size", help="Slices of one volume solved together (DDS: the network sees "
+                             "N slices at once; results agree to float rounding, not bits). "
+                             "Default 1 on CPU, 8 on a GPU; halved on CUDA out-of-memory. "
+                             "Samples per pass: --option batch_size=N.",
         show_default=False)] = D.batch_size,
     acceleration: Annotated[float | None, typer.Option(
         "--acceleration", help="Retrospective undersampling factor for FULLY SAMPLED MRI "

@@ -54,7 +54,11 @@ class RunOptions:
     samples: posterior samples per slice; seed: slice k uses seed material (seed, k).
     device: 'auto', 'cpu', 'cuda' or 'cuda:i'.
     slices: slice indices (list or '0,2,5-7'; None = all), kept as a sorted list.
-    batch_size: posterior samples / particles per pass (halved on CUDA out-of-memory).
+    batch_size: slices of one volume solved together (the network sees (N, C, H, W); solvers
+    with ``row_noise``, DDS; default 1 on the CPU, ``run.CUDA_SLICE_BATCH`` on a GPU; halved
+    on CUDA out-of-memory). Results agree across batch sizes to float rounding, not bits
+    (``pipeline.run``). The solver's ``batch_size`` option (``--option batch_size=``) is
+    the posterior samples / particles per pass of one slice.
     acceleration, mask_type, center_fraction: retrospective fastMRI undersampling of a fully
     sampled MRI file (required for those, refused for undersampled ones).
     coil_maps: optional side file with ``coil_maps`` (default: the scan's, else ESPIRiT).
@@ -82,7 +86,7 @@ class RunOptions:
     seed: int = 0
     device: str = field(default="auto", metadata={RESULT: False})
     slices: str | int | list[int] | None = None
-    batch_size: int | None = field(default=None, metadata={RESULT: False})  # memory knob
+    batch_size: int | None = field(default=None, metadata={RESULT: False})  # slices per pass
     acceleration: float | None = None
     mask_type: str | None = None
     center_fraction: float = 0.08
@@ -212,8 +216,8 @@ def default_solver(modality: str) -> str:
 
 
 def make_solver(name: str, options: RunOptions):
-    """Solver ``name`` with ``options.solver_options``, ``steps`` and ``batch_size``; an
-    unknown name, an option it does not have or an invalid value raise ``InputError``."""
+    """Solver ``name`` with ``options.solver_options`` and ``steps``; an unknown name, an
+    option it does not have or an invalid value raise ``InputError``."""
     from diffrecon.recon import SOLVERS, solver_class
 
     if name not in SOLVERS:
@@ -233,8 +237,6 @@ def make_solver(name: str, options: RunOptions):
         opts["steps"] = int(options.steps)
     elif "steps" not in opts and name in DEFAULT_STEPS:
         opts["steps"] = DEFAULT_STEPS[name]
-    if options.batch_size is not None and "batch_size" in fields:
-        opts["batch_size"] = int(options.batch_size)
     try:
         return cls(**opts)
     except (TypeError, ValueError) as exc:
