@@ -802,7 +802,7 @@ def test_random_hostile_files_exit_0_or_2(tmp_path_factory, mri, data, file_sha)
         assert file_sha(path) == before
 
 
-@pytest.mark.parametrize("flag", ["--prior", "--coil-maps", "--calibration"])
+@pytest.mark.parametrize("flag", ["--prior", "--coil-maps", "--calibration", "--config"])
 @pytest.mark.parametrize("device", ["fifo", "/dev/zero"])
 def test_side_files_that_are_no_regular_files(tmp_path, mri, flag, device, one_line_error):
     """The other files run reads (prior checkpoint, coil maps, calibration) are refused the
@@ -815,8 +815,30 @@ def test_side_files_that_are_no_regular_files(tmp_path, mri, flag, device, one_l
     args = ["run", mri, "-o", tmp_path / "o.h5", *RUN["mri"], *extra, flag, path]
     with deadline(60):
         line = one_line_error(invoke(*args), os.fspath(path))
-        # --coil-maps: RunOptions' own up-front check says 'no such file' (unopened too)
-        assert "not opened" in line or (flag == "--coil-maps" and "no such file" in line)
+        assert "not opened" in line
+        if flag in ("--coil-maps", "--config"):  # checked before any file is read
+            assert line.startswith(f"diffrecon: error: {flag} "), line
         if device == "/dev/zero":
             one_line_error(invoke("info", path), "/dev/zero", "character device")
+    assert not (tmp_path / "o.h5").exists()
+
+
+@pytest.mark.parametrize("flag", [None, "--coil-maps", "--config"])
+@pytest.mark.parametrize("kind", ["dangling", "looping"])
+def test_symbolic_links_given_on_the_command_line_are_named(tmp_path, mri, flag, kind,
+                                                            one_line_error):
+    """A dangling or looping link given as INPUT, --coil-maps or --config: one line saying
+    which (not 'no such file'), before any file is read."""
+    link = tmp_path / "link.h5"
+    if kind == "dangling":
+        link.symlink_to(tmp_path / "nowhere.h5")
+    else:
+        (tmp_path / "other.h5").symlink_to(link)
+        link.symlink_to(tmp_path / "other.h5")
+    scan = link if flag is None else mri
+    extra = [] if flag is None else [flag, link]
+    res = invoke("run", scan, "-o", tmp_path / "o.h5", *RUN["mri"], *extra)
+    needle = "does not exist" if kind == "dangling" else "symbolic link loop"
+    line = one_line_error(res, os.fspath(link), needle)
+    assert flag is None or line.startswith(f"diffrecon: error: {flag} "), line
     assert not (tmp_path / "o.h5").exists()

@@ -196,8 +196,12 @@ def load_config(path: Path) -> dict[str, Any]:
     against the field's type."""
     import yaml
 
-    if not path.is_file():
-        raise InputError(f"--config {path}: no such file")
+    from diffrecon.datasets.io import check_readable_file
+
+    try:
+        check_readable_file(path, "a YAML file")
+    except InputError as exc:
+        raise InputError(f"--config {exc}") from None
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

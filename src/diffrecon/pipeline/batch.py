@@ -59,6 +59,10 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
             files.extend(scans)
         elif p.exists():
             files.append(p)
+        elif os.path.islink(p):  # dangling or looping: check_readable_file says which
+            from diffrecon.datasets.io import check_readable_file
+
+            check_readable_file(p, "a scan file or directory")
         else:
             raise InputError(f"{p}: no such file or directory")
     seen, out = set(), []

@@ -127,8 +127,13 @@ class RunOptions:
         if not (_number(self.center_fraction, 0, 1) and self.center_fraction > 0):
             raise InputError(f"--center-fraction {self.center_fraction!r} is not valid; "
                              f"expected a fraction in (0, 1]")
-        if self.coil_maps is not None and not Path(self.coil_maps).is_file():
-            raise InputError(f"--coil-maps {self.coil_maps}: no such file")
+        if self.coil_maps is not None:  # a FIFO or device refused unopened, dangling links named
+            from diffrecon.datasets.io import check_readable_file
+
+            try:
+                check_readable_file(self.coil_maps, "a coil-map file")
+            except InputError as exc:
+                raise InputError(f"--coil-maps {exc}") from None
         from diffrecon.problems.mri import compression_spec
 
         compression_spec(self.coil_compression)  # the spelling; the count per scan
