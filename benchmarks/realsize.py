@@ -1,7 +1,9 @@
 """Real-size scans: the set-up pieces of a fastMRI 640 x 320 16-coil slice and a 512 x 512 CT
-slice with 720 views, timed and checked (whole reconstructions come later).
+slice with 720 views, timed and checked, and whole default runs on them.
 
     python -m benchmarks.realsize [--quick] [--out DIR] [--threads 1] [--repeats 3]
+        [--parts setup mri-run ct-run step-split] [--ct-steps S]
+        [--ct-geometries parallel fan]
 
 MRI file, written here with h5py + numpy + sigpy only (no diffrecon simulator): an axial
 slice (z = 90) of nilearn's MNI152 2009 T1 template (validation split; 1 mm, zero-padded to
@@ -36,13 +38,43 @@ the geometry as documented) against A of the same phantom rasterised with 4 x 4
 supersampling (relative L2 error), and the PSNR of FBP of the analytic sinogram against the
 rasterised phantom (peak 1) inside the inscribed circle.
 
+Whole default runs (``--parts mri-run ct-run``): ``pipeline.reconstruct_file`` with the
+options of a plain ``diffrecon run FILE -o OUT`` (DDS with the default steps and draws,
+``pipeline.options.DEFAULT_STEPS`` / ``DEFAULT_SAMPLES``, and the shipped ``mri`` / ``ct``
+prior, coil compression auto, ESPIRiT on its first run: a fresh output folder, so no cached
+maps), one slice, in a fresh subprocess (its ``ru_maxrss`` is the run's peak RSS). MRI: the
+file above (640 x 320, 16 coils, 4x). CT: a 512 x 512 file per geometry written here with
+h5py from the analytic ellipse sinogram (720 views, plus Gaussian noise of 0.5% of its
+peak, ``noise_sigma`` declared; fan: 0.7 mm pixels, ``fan_defaults``). Split of the wall
+time: set-up = ``load_problem`` (read, readout crop, coil compression, ESPIRiT, the
+normaliser's least-squares level, the noise floor); network = time inside the prior's
+``denoise`` (a wrapper on the loaded prior accumulates it: no timer inside the step loop);
+operator = time inside the scan operators' A / A^T (wrappers likewise; outermost call
+only); data consistency = solve - network (CG with its operator calls, renoising, the
+residual diagnostic); other = whole - set-up - solve (prior load, plan, input checksum,
+result writing). The bare network is then timed in the same process on a tensor of the
+same shape for the same number of calls at the run's own noise levels; ratio = whole run /
+bare network (the issue's whole-run / network-bound). ``--ct-steps S`` runs the CT rows with
+S DDS steps instead of the default run's (``pipeline.options.DEFAULT_STEPS``; at 720 views
+one DDS step costs 13 applications of the CT operator per draw): the table then also gives
+the figures of the default's T steps extrapolated as whole + (T - S) x step, step = (solve -
+the solve's 3 operator calls outside the step loop) / S, against T / S times the bare
+network. Times are wall seconds (``time.perf_counter``) with the process CPU seconds
+alongside: on a shared machine the wall time includes waiting for a core.
+
+Per-step split (``--parts step-split``): process CPU seconds, in one process, of one
+network call and one DDS data-consistency step on the real-size shapes (MRI 320 x 320 with
+8 coils and a 4x column mask, both normal operators; CT 512 x 512 with 720 views, 7 A + 6
+A^T per step), so the per-step ratio does not depend on the machine's load.
+
 Every run uses ``--threads`` torch threads (default 1) and one OpenMP thread; run it with
 ``OMP_NUM_THREADS=1 nice``. ``--quick``: MRI 128 x 64 (8 coils, 20% centre), CT 64 x 64
-with 90 views.
+with 90 views (whole runs with 3 DDS steps).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -58,7 +90,7 @@ import h5py
 import numpy as np
 import torch
 
-from benchmarks.common import REPO, SEED0, arguments, header, markdown_table, nice, setup
+from benchmarks.common import REPO, SEED0, arguments, fmt, header, markdown_table, nice, setup
 
 
 # ------------------------------------------------------------------------------ MRI file
@@ -344,44 +376,293 @@ def ct_rows(n: int, views: int, repeats: int, threads: int) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------ whole runs
+def write_ct_file(path: Path, geometry: str, n: int, views: int) -> None:
+    """A CT scan file (``datasets.ct`` layout) of the analytic ellipse phantom: closed-form
+    sinogram plus Gaussian noise (0.5% of its peak, declared), ground truth rasterised."""
+    from diffrecon.datasets.simulate import fan_defaults
+
+    p = _ct_physics(geometry, n, views)
+    sino = ellipse_sinogram(n, p.angles.numpy(), p.n_detectors, p.geometry)
+    sigma = 0.005 * float(np.abs(sino).max())
+    sino = sino + sigma * np.random.default_rng(SEED0).standard_normal(sino.shape)
+    attrs = {"geometry": geometry, "n_detectors": int(p.n_detectors), "image_size": n,
+             "noise_sigma": sigma}
+    if geometry == "fan":
+        attrs.update(pixel_size=0.7, detector_shape="curved", **fan_defaults(n, 0.7))
+    with h5py.File(path, "w") as f:
+        f["sinogram"] = sino.T[None].astype(np.float32)
+        f["angles"] = p.angles.numpy().astype(np.float64)
+        f["ground_truth"] = ellipse_image(n)[None].astype(np.float32)
+        f.attrs.update(attrs)
+
+
+class _Clock:
+    """Accumulates the wall time of the outermost calls of wrapped methods."""
+
+    def __init__(self):
+        self.seconds, self.calls, self._depth = 0.0, 0, 0
+
+    def wrap(self, fn):
+        def timed(*args, **kw):
+            self._depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.seconds += time.perf_counter() - t0
+                    self.calls += 1
+        return timed
+
+
+# Operator calls of one DDS solve outside its step loop: A^T y for the signal shape and for
+# the CG right-hand side, A of the final mean for the residual (the step loop makes 13 per
+# step at cg_iters = 5: 6 normal-operator products and the step's residual).
+PER_SOLVE_OPERATOR_CALLS = 3
+
+
+def run_child(kind: str, scan: str, out: str, steps: int | None, threads: int) -> None:
+    """Subprocess body: one default run of ``scan`` (module docstring); prints one JSON line."""
+    setup(threads)
+    import diffrecon.pipeline.run as prun
+    from diffrecon import pipeline
+    from diffrecon.datasets.io import read_result
+
+    net, op, t_setup, t_prior, keep = _Clock(), _Clock(), [0.0], [0.0], {}
+    load_problem, load_prior = prun.load_problem, prun.load_prior
+
+    def timed_problem(*args, **kw):
+        t0 = time.perf_counter()
+        problem = load_problem(*args, **kw)
+        t_setup[0] += time.perf_counter() - t0
+        for phys in problem.physics:  # instance attributes: the solver's calls go through
+            for name in ("A", "A_adjoint", "A_adjoint_A"):
+                setattr(phys, name, op.wrap(getattr(phys, name)))
+        keep["shape"] = (1, problem.channels, *problem.measurements[0].shape[-2:]) \
+            if kind.startswith("ct") else None
+        return problem
+
+    def timed_prior(*args, **kw):
+        t0 = time.perf_counter()
+        prior = load_prior(*args, **kw)
+        t_prior[0] += time.perf_counter() - t0
+        keep["prior"], keep["denoise"], keep["sigmas"] = prior, prior.denoise, []
+
+        def denoise(x, sigma):
+            keep["sigmas"].append(sigma.detach().clone())
+            keep["x_shape"] = tuple(x.shape)
+            return keep["denoise"](x, sigma)
+        prior.denoise = net.wrap(denoise)
+        return prior
+
+    prun.load_problem, prun.load_prior = timed_problem, timed_prior
+    opts = {"device": "cpu", "slices": "0"}
+    if "threads" in {f.name for f in dataclasses.fields(pipeline.RunOptions)}:
+        opts["threads"] = threads  # the run pins its own thread count (default 1)
+    if kind == "mri-run":
+        opts["acceleration"] = None  # the file holds its mask
+    if steps is not None:
+        opts["steps"] = steps
+    c0, t0 = time.process_time(), time.perf_counter()
+    summary = pipeline.reconstruct_file(scan, out, **opts)
+    whole, whole_cpu = time.perf_counter() - t0, time.process_time() - c0
+    res = read_result(out)
+    a = res.attrs
+    solve = float(a["solve_time_s"])
+    with torch.no_grad():  # the bare network: same shape, same calls, same noise levels
+        x = torch.randn(keep["x_shape"], generator=torch.Generator().manual_seed(0))
+        c1, t1 = time.process_time(), time.perf_counter()
+        for sigma in keep["sigmas"]:
+            keep["denoise"](x, sigma)
+        bare, bare_cpu = time.perf_counter() - t1, time.process_time() - c1
+    ref = None
+    with h5py.File(scan, "r") as f:
+        ref = f["reconstruction_rss"][0] if "reconstruction_rss" in f else f["ground_truth"][0]
+    rec = np.asarray(res.reconstruction[0], np.float64)
+    psnr = float(10 * np.log10(ref.max() ** 2 / np.mean((rec - ref) ** 2)))
+    print(json.dumps({
+        "whole": whole, "whole_cpu": whole_cpu, "setup": t_setup[0], "prior_load": t_prior[0],
+        "solve": solve, "network": net.seconds, "network_calls": net.calls,
+        "operator": op.seconds, "operator_calls": op.calls, "bare": bare,
+        "bare_cpu": bare_cpu, "nfe": int(a["nfe"]), "x_shape": list(keep["x_shape"]),
+        "psnr": psnr, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "solver": summary.get("solver"), "prior": str(a["prior"]),
+        "steps": int(a["solver_options"]["steps"]), "coils": a.get("coil_compression")}))
+
+
+def whole_rows(jobs: list[tuple[str, str, Path, int | None]], threads: int, tmp: Path
+               ) -> list[dict]:
+    """One default run per job (label, kind, scan, steps), each in a fresh subprocess."""
+    from diffrecon.pipeline.options import DEFAULT_STEPS
+
+    rows = []
+    for label, kind, scan, steps in jobs:
+        out = tmp / f"{scan.stem}-{kind}" / "result.h5"  # fresh folder: no ESPIRiT cache
+        out.parent.mkdir(parents=True, exist_ok=True)
+        args = ["--_run", kind, str(scan), str(out), str(steps or 0), "--threads",
+                str(threads)]
+        res = subprocess.run(
+            [sys.executable, "-c", f"from benchmarks.realsize import main; main({args!r})"],
+            cwd=REPO, capture_output=True, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if res.returncode != 0:
+            raise RuntimeError(f"{label}: run failed:\n{res.stderr[-3000:]}")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        other = r["whole"] - r["setup"] - r["solve"]
+        row = {"run": label, "solver / prior": f"{r['solver']} {r['steps']} / {r['prior']}",
+               "NFE": r["nfe"], "network input": "x".join(map(str, r["x_shape"])),
+               "whole s": r["whole"], "whole CPU s": r["whole_cpu"], "set-up s": r["setup"],
+               "network s": r["network"], "data consistency s": r["solve"] - r["network"],
+               "operator s (calls)": f"{fmt(r['operator'])} ({r['operator_calls']})",
+               "other s": other, "bare network s": r["bare"],
+               "bare network CPU s": r["bare_cpu"], "whole / bare": r["whole"] / r["bare"],
+               "whole / bare (CPU)": r["whole_cpu"] / r["bare_cpu"],
+               "solve / bare": r["solve"] / r["bare"], "peak RSS GB": r["peak_rss_gb"],
+               "PSNR dB": r["psnr"]}
+        target = DEFAULT_STEPS.get("dds", r["steps"])
+        if r["steps"] < target:  # extrapolated to the default run's steps (docstring)
+            once = PER_SOLVE_OPERATOR_CALLS * r["operator"] / max(r["operator_calls"], 1)
+            step = (r["solve"] - once) / r["steps"]
+            whole_target = r["whole"] + (target - r["steps"]) * step
+            row[f"whole s ({target} steps, extrapolated)"] = whole_target
+            row[f"whole / bare ({target} steps, extrapolated)"] = whole_target / (
+                target * r["bare"] / r["steps"])
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------ step split
+def step_rows(size: int, coils: int, ct_n: int, ct_views: int, repeats: int) -> list[dict]:
+    """Process CPU seconds of one network call and one DDS data-consistency step (5 CG
+    iterations of (I + gamma A^T A) and the step's residual; CT: 7 A + 6 A^T, from one A and
+    one A^T) in this process: the per-step ratio (network + data consistency) / network,
+    independent of the machine's load."""
+    from diffrecon import operators, priors
+    from diffrecon.recon.common import cg, relative_residual
+
+    def cpu(fn, n=repeats):
+        fn()
+        t0 = time.process_time()
+        for _ in range(n):
+            fn()
+        return (time.process_time() - t0) / n
+
+    g = torch.Generator().manual_seed(SEED0)
+    maps = torch.randn(coils, size, size, dtype=torch.complex64, generator=g)
+    maps /= maps.abs().pow(2).sum(0).sqrt()
+    mask = torch.zeros(size)
+    mask[::4] = 1
+    mask[size // 2 - size // 25:size // 2 + size // 25] = 1
+    p = operators.mri(mask, maps, noise_sigma=0.01)
+    x = torch.randn(1, 2, size, size, generator=g)
+    y, gamma = p.A(x), 0.3 ** 2 / 0.01 ** 2
+    aty, sigma = p.A_adjoint(y), torch.full((1,), 0.3)
+
+    def dc(normal):
+        relative_residual(p, cg(lambda v: v + gamma * normal(v), x + gamma * aty, x, 5), y)
+
+    rows = []
+    with torch.no_grad():
+        prior = priors.load("mri").eval()
+        net = cpu(lambda: prior.denoise(x, sigma))
+        for label, normal in (("deepinv A^T(A x)", lambda v: p.A_adjoint(p.A(v))),
+                              ("fused SenseMRI.A_adjoint_A", p.A_adjoint_A)):
+            step = cpu(lambda n=normal: dc(n))
+            rows.append({"problem": f"MRI {size} x {size}, {coils} coils, {label}",
+                         "network CPU s / call": net, "data consistency CPU s / step": step,
+                         "step / network": (net + step) / net})
+        prior = priors.load("ct").eval()
+        x = torch.randn(1, 1, ct_n, ct_n, generator=g)
+        net = cpu(lambda: prior.denoise(x, sigma))
+        for geometry in ("parallel", "fan"):
+            p = _ct_physics(geometry, ct_n, ct_views)
+            y = p.A(x)
+            a = cpu(lambda p=p: p.A(x), 1)
+            at = cpu(lambda p=p, y=y: p.A_adjoint(y), 1)
+            step = 7 * a + 6 * at
+            rows.append({"problem": f"CT {ct_n} x {ct_n}, {ct_views} views, {geometry} "
+                                    f"(A {fmt(a)}, A^T {fmt(at)})",
+                         "network CPU s / call": net, "data consistency CPU s / step": step,
+                         "step / network": (net + step) / net})
+    return rows
+
+
 # ------------------------------------------------------------------------------ main
 def main(argv=None) -> str:
     p = arguments(__doc__, "MRI 128 x 64 with 8 coils, CT 64 x 64 with 90 views")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="what to run (default: all)")
+    p.add_argument("--ct-steps", type=int, default=None,
+                   help="DDS steps of the CT whole runs (default: the default run's 100)")
+    p.add_argument("--ct-geometries", nargs="+", choices=("parallel", "fan"),
+                   default=["parallel", "fan"])
     p.add_argument("--_ct", nargs=4, help="(internal) geometry n views repeats")
+    p.add_argument("--_run", nargs=4, help="(internal) kind scan out steps")
     a = p.parse_args(argv)
     if a._ct:
         geometry, n, views, repeats = a._ct
         ct_child(geometry, int(n), int(views), int(repeats), a.threads)
         return ""
+    if a._run:
+        kind, scan, out, steps = a._run
+        run_child(kind, scan, out, int(steps) or None, a.threads)
+        return ""
     setup(a.threads)
     size, coils, ct_n, ct_views = (64, 8, 64, 90) if a.quick else (320, 16, 512, 720)
     repeats = 1 if a.quick else a.repeats
+    run_steps = 3 if a.quick else None
+    ct_steps = a.ct_steps if a.ct_steps is not None else run_steps
+    sections = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(a.out) if a.out else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"realsize_mri_{2 * size}x{size}_{coils}coils.h5"
-        _, t_write = _cpu(lambda: write_fastmri_file(path, size, coils,
-                                                     0.2 if a.quick else 0.08))
-        fm_shape, fm_diff = fastmri_check(path)
-        mri, quality, info = mri_rows(path, repeats, a.quick)
-    ct = ct_rows(ct_n, ct_views, repeats, a.threads)
+        jobs = []
+        if "setup" in a.parts or "mri-run" in a.parts:
+            _, t_write = _cpu(lambda: write_fastmri_file(path, size, coils,
+                                                         0.2 if a.quick else 0.08))
+        if "setup" in a.parts:
+            fm_shape, fm_diff = fastmri_check(path)
+            mri, quality, info = mri_rows(path, repeats, a.quick)
+            sections += [
+                f"## MRI: {info['kspace']} k-space, {info['mask lines']} of "
+                f"{info['kspace'][-1]} lines (4x, {info['centre lines']} centre lines)", "",
+                f"File written in {t_write:.1f} CPU s; fastMRI SliceDataset reads kspace "
+                f"{tuple(fm_shape)}, target max |diff| {fm_diff:.1e}.", "",
+                markdown_table(mri, ["step", "CPU s", "note"]), "",
+                "CG-SENSE (30 iterations) magnitude NRMSE on the head:", "",
+                markdown_table(quality), "",
+                f"## CT: {ct_n} x {ct_n}, {ct_views} views (CPU s, medians of {repeats})", "",
+                markdown_table(ct_rows(ct_n, ct_views, repeats, a.threads)), ""]
+        if "mri-run" in a.parts:
+            jobs.append((f"MRI {2 * size} x {size} -> {size} x {size}, {coils} coils, 4x",
+                         "mri-run", path, run_steps))
+        if "ct-run" in a.parts:
+            for geometry in a.ct_geometries:
+                scan = folder / f"realsize_ct_{geometry}_{ct_n}_{ct_views}.h5"
+                write_ct_file(scan, geometry, ct_n, ct_views)
+                jobs.append((f"CT {geometry} {ct_n} x {ct_n}, {ct_views} views",
+                             "ct-run", scan, ct_steps))
+        if "step-split" in a.parts:
+            sections += ["## Per DDS step (process CPU s, this process)", "",
+                         markdown_table(step_rows(size, 8, ct_n, ct_views, repeats)), ""]
+        if jobs:
+            rows = whole_rows(jobs, a.threads, Path(tmp))
+            sections += ["## Whole default runs (one slice; wall s unless marked CPU)", "",
+                         markdown_table(rows), ""]
     report = "\n".join([
-        "# Real-size scans: set-up pieces (MRI calibration, CT operators)", "", header(),
-        f"- OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-        f"repeats {repeats}{', quick' if a.quick else ''}", "",
-        f"## MRI: {info['kspace']} k-space, {info['mask lines']} of {info['kspace'][-1]} "
-        f"lines (4x, {info['centre lines']} centre lines)", "",
-        f"File written in {t_write:.1f} CPU s; fastMRI SliceDataset reads kspace "
-        f"{tuple(fm_shape)}, target max |diff| {fm_diff:.1e}.", "",
-        markdown_table(mri, ["step", "CPU s", "note"]), "",
-        "CG-SENSE (30 iterations) magnitude NRMSE on the head:", "",
-        markdown_table(quality), "",
-        f"## CT: {ct_n} x {ct_n}, {ct_views} views (CPU s, medians of {repeats})", "",
-        markdown_table(ct), "",
-    ])
+        "# Real-size scans: set-up pieces (MRI calibration, CT operators) and whole runs", "",
+        header(), f"- OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"repeats {repeats}{', quick' if a.quick else ''}, parts {' '.join(a.parts)}", "",
+        *sections])
     print(report)
     return report
+
+
+PARTS = ("setup", "mri-run", "ct-run", "step-split")
 
 
 if __name__ == "__main__":
