@@ -122,7 +122,7 @@ class Calibration:
     def load(cls, path: str | os.PathLike) -> Calibration:
         """Read and validate a calibration file; problems raise a one-line ``InputError``
         naming the file and the key."""
-        from diffrecon.datasets.io import check_readable_file
+        from diffrecon.datasets.safe_open import check_readable_file
 
         p = check_readable_file(path, "a calibration file")  # a FIFO or device: unopened
         try:

@@ -196,7 +196,7 @@ def load_config(path: Path) -> dict[str, Any]:
     against the field's type."""
     import yaml
 
-    from diffrecon.datasets.io import check_readable_file
+    from diffrecon.datasets.safe_open import check_readable_file
 
     try:
         check_readable_file(path, "a YAML file")

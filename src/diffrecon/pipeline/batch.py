@@ -60,7 +60,7 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         elif p.exists():
             files.append(p)
         elif os.path.islink(p):  # dangling or looping: check_readable_file says which
-            from diffrecon.datasets.io import check_readable_file
+            from diffrecon.datasets.safe_open import check_readable_file
 
             check_readable_file(p, "a scan file or directory")
         else:

@@ -59,7 +59,7 @@ def scan_acquisition(path, modality: str, settings: Mapping[str, Any]) -> dict[s
     """The acquisition part of the task key from a scan file, reading no bulk data: the
     MRI mask (or the retrospective mask's settings), the CT angles' length, the image
     operator attribute."""
-    from diffrecon.datasets.io import open_h5_checked
+    from diffrecon.datasets.safe_open import open_h5_checked
 
     with open_h5_checked(path) as f:
         if modality == "mri":

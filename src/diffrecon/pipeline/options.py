@@ -128,7 +128,7 @@ class RunOptions:
             raise InputError(f"--center-fraction {self.center_fraction!r} is not valid; "
                              f"expected a fraction in (0, 1]")
         if self.coil_maps is not None:  # a FIFO or device refused unopened, dangling links named
-            from diffrecon.datasets.io import check_readable_file
+            from diffrecon.datasets.safe_open import check_readable_file
 
             try:
                 check_readable_file(self.coil_maps, "a coil-map file")

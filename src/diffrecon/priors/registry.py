@@ -68,7 +68,7 @@ def load(path_or_name: str | os.PathLike, kind: str | None = None, config=None, 
         raise InputError(f"{name!r} is neither a shipped prior {available()} nor an "
                          "existing checkpoint path.")
     if not Path(name).is_dir():  # a FIFO or device is refused unopened (a FIFO would block)
-        from diffrecon.datasets.io import check_readable_file
+        from diffrecon.datasets.safe_open import check_readable_file
 
         check_readable_file(name, "a checkpoint file or model folder")
     if kind is not None and kind not in KINDS:
