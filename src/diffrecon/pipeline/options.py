@@ -72,7 +72,7 @@ class RunOptions:
     never read from OMP_NUM_THREADS: CPU reductions depend on the thread count, so a fixed
     number gives the same bits in one process and under torchrun; ``pipeline.concurrency``).
     rank_timeout: under torchrun, seconds without a heartbeat after which a rank is taken as
-    dead and the others stop (``batch.Peers``).
+    dead and the others stop (``peers.Peers``).
     """
 
     solver: str | None = None
