@@ -24,8 +24,9 @@ import numpy as np
 
 from diffrecon.datasets import phantoms
 from diffrecon.datasets.ct import CTScan, tensor_to_sinogram, write_ct_scan
-from diffrecon.datasets.fastmri import MRIScan, default_header, write_mri_scan
+from diffrecon.datasets.fastmri import MRIScan, write_mri_scan
 from diffrecon.datasets.images import ImageScan, write_image_scan
+from diffrecon.datasets.ismrmrd import default_header
 from diffrecon.errors import InputError, as_input_error
 from diffrecon.operators.coils import rss
 from diffrecon.operators.mri import fft2c, ifft2c
