@@ -19,7 +19,8 @@ from .options import (
     make_solver,
     resolve_device,
 )
-from .run import Plan, degenerate_below, plan_run, reconstruct_file
+from .results import degenerate_below
+from .run import Plan, plan_run, reconstruct_file
 
 __all__ = ["DEFAULT_PRIORS", "DEFAULT_SOLVER", "Plan", "RunOptions", "collect_inputs",
            "default_solver", "degenerate_below", "load_prior", "make_solver", "plan_run",
