@@ -432,3 +432,14 @@ def test_one_input_with_an_output_ending_in_a_separator_writes_into_that_directo
     assert targets == [tmp_path / "results" / "scan_recon.h5"]
     assert (tmp_path / "results").is_dir()
     assert output_paths([scan], [scan], tmp_path / "one.h5") == [tmp_path / "one.h5"]
+
+
+@pytest.mark.parametrize("solver, option, value, expected", [
+    ("dds", "gamma", -1, "a finite number > 0"), ("dds", "steps", -1, "an integer >= 1"),
+    ("tv", "lam", -1, "a finite number >= 0"), ("dds", "eta", 2, "a finite number >= 0 and <= 1")])
+def test_range_message_states_the_options_kind_not_the_values(solver, option, value, expected):
+    """gamma=-1 (an int given for a float option) asks for a number, not 'an integer'."""
+    from diffrecon.recon import solver_class
+
+    with pytest.raises(ValueError, match=expected):
+        solver_class(solver)(**{option: value})

@@ -77,7 +77,7 @@ def check_options(name: str, cls: type, values: dict[str, Any]) -> None:
             if not (math.isfinite(value) and (value >= low if inclusive else value > low)
                     and value <= high):
                 side = ">=" if inclusive else ">"
-                what = "an integer" if isinstance(value, int) else "a finite number"
+                what = "an integer" if int in kinds and float not in kinds else "a finite number"
                 rng = f"{what} {side} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
                 raise ValueError(f"{name}: option {f.name}={value!r} is not valid; "
                                  f"expected {rng}")
