@@ -242,3 +242,18 @@ def test_acs_width_1d_and_2d_masks():
     assert acs_width(square) == 10
     pm = poisson_mask((64, 64), 6, calib=(12, 12), seed=0)
     assert acs_width(pm) >= 12
+
+
+def test_volume_solver_refused_by_run_before_any_work(tmp_path, one_line_error):
+    """dds3d couples the slices of one volume; run solves slices independently, so it
+    refuses it up front (it crashed with an internal error inside the CT projector)."""
+    from typer.testing import CliRunner
+
+    from diffrecon.cli.main import app
+    from diffrecon.datasets.simulate import simulate_ct
+
+    scan = simulate_ct(tmp_path / "ct.h5", size=16, slices=2, seed=0)
+    res = CliRunner().invoke(app, ["run", str(scan), "-o", str(tmp_path / "o.h5"),
+                                   "--solver", "dds3d", "--steps", "2"])
+    one_line_error(res, "--solver dds3d", "Python API")
+    assert not (tmp_path / "o.h5").exists()

@@ -96,6 +96,10 @@ def plan_run(input_path, output_path, options: RunOptions) -> Plan:
     check_acquisition(input_path, modality, options.acquisition())
     name = options.solver or default_solver(modality)
     solver = make_solver(name, options)
+    if solver.volume:  # a volume in one coupled solve: not what run does (slice by slice)
+        raise InputError(f"--solver {name} solves a whole volume at once, which diffrecon run "
+                         f"does not do (it solves slices independently); use the Python API: "
+                         f"get_solver({name!r}).solve(y_slices, physics, prior)")
     prior = (options.prior or DEFAULT_PRIORS[modality]) if name in DIFFUSION_SOLVERS else None
     label = None if prior is None else str(prior) if isinstance(prior, str | os.PathLike) \
         else getattr(prior, "name", type(prior).__name__)

@@ -207,6 +207,9 @@ class Solver:
     # is then a tuple of floats, one per row. The pipeline solves slices of one volume
     # together only for such solvers.
     row_noise: ClassVar[bool] = False
+    # The rows of y are the slices of ONE volume, solved together and coupled (dds3d): the
+    # pipeline, which solves slices one by one or in independent batches, cannot run it.
+    volume: ClassVar[bool] = False
 
     def __init__(self, options: Any | None = None, **overrides: Any):
         opts = options if options is not None else self.Options()

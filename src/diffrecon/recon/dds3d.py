@@ -66,6 +66,7 @@ class DDS3DSolver(DDSSolver):
     name = "dds3d"
     Options = DDS3DOptions
     row_noise = False  # its rows are one volume's slices, coupled: never batched by the pipeline
+    volume = True
 
     def _passes(self, y: Tensor, ctx: SolveContext, num_samples: int
                 ) -> Iterator[tuple[Tensor, SolveContext]]:
