@@ -18,9 +18,9 @@ from diffrecon.datasets.simulate import simulate_ct, simulate_mri
 from diffrecon.errors import InputError
 from diffrecon.metrics import evaluate_file
 from diffrecon.operators.masks import fastmri_mask
-from diffrecon.pipeline.run import _ranges, smaller_batches
+from diffrecon.pipeline.run import smaller_batches
 from diffrecon.priors.base import Prior
-from diffrecon.problems import parse_slices
+from diffrecon.problems import format_slices, parse_slices
 from diffrecon.problems.calib import calibrate_file
 from diffrecon.problems.info import describe_file
 from diffrecon.problems.mri import acs_width
@@ -103,8 +103,8 @@ def test_smc_lineages_recorded_and_degenerate_clouds_warned(tmp_path, scans):
     # 8 particles against ~1000 k-space samples: the cloud collapses to one lineage
     assert weak, lineages
     smc = [w for w in s["warnings"] if "weight degeneracy" in w]  # (+ the prior-fit warning)
-    assert len(smc) == 1 and f"SMC slices {_ranges(weak)}:" in smc[0]
-    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    assert len(smc) == 1 and f"SMC slices {format_slices(weak)}:" in smc[0]
+    assert format_slices([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8" and format_slices([]) == "none"
     dds = pipeline.reconstruct_file(scans["mri"], tmp_path / "dds.h5", solver="dds",
                                     prior=IsoGaussian(), steps=3, device="cpu")
     assert dds["warnings"] == [] and "smc_lineages_per_slice" not in read_result(

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from diffrecon.problems.problem import format_slices
+
 
 def _display(x: np.ndarray) -> np.ndarray:
     """(H, W) or (C, H, W) -> a 2-D image (channels shown as their root sum of squares)."""
@@ -44,18 +46,9 @@ def result_positions(path: str | os.PathLike, slices: Sequence[int] | None
     missing = [int(s) for s in slices if int(s) not in where]
     if missing:
         raise ValueError(f"scan slice {missing[0]} is not in this result, which holds scan "
-                         f"slices {_ranges(held)}")
+                         f"slices {format_slices(held)}")
     scan = sorted({int(s) for s in slices})
     return [where[k] for k in scan], scan
-
-
-def _ranges(indices: Sequence[int]) -> str:
-    """'4-9' for consecutive slices, else the list (shortened past 12 entries)."""
-    idx = [int(i) for i in indices]
-    if idx and idx == list(range(idx[0], idx[0] + len(idx))):
-        return f"{idx[0]}-{idx[-1]}" if len(idx) > 1 else str(idx[0])
-    return ", ".join(map(str, idx)) if len(idx) <= 12 else \
-        f"{', '.join(map(str, idx[:6]))}, ... ({len(idx)} slices)"
 
 
 def save_figure(result: str | os.PathLike | dict[str, Any], out_png: str | os.PathLike,
@@ -89,7 +82,7 @@ def save_figure(result: str | os.PathLike | dict[str, Any], out_png: str | os.Pa
         pos = [len(rec) // 2] if slices is None else [held.index(int(s)) for s in slices
                                                       if int(s) in held]
         if slices is not None and len(pos) != len(set(slices)):
-            raise ValueError(f"slices {list(slices)} are not all in {_ranges(held)}")
+            raise ValueError(f"slices {list(slices)} are not all in {format_slices(held)}")
         scan = [held[i] for i in pos]
         rec = rec[pos]
         std = None if std is None else np.asarray(std, dtype=np.float64)[pos]

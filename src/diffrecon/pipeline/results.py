@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from diffrecon.errors import InputError
-from diffrecon.problems import Problem
+from diffrecon.problems import Problem, format_slices
 
 from .options import solver_option_dict
 
@@ -141,7 +141,7 @@ def misfit_warning(name: str, order: list[int], chi: list[float]) -> list[str]:
     if not bad:
         return []
     worst = max(c for c in chi if c == c)
-    return [f"{name}: slices {_ranges(bad)}: the reconstruction misses the data by up to "
+    return [f"{name}: slices {format_slices(bad)}: the reconstruction misses the data by up to "
             f"{worst:.1f} x the noise level (noise_chi); the prior may not fit this scan "
             f"(or noise_sigma is underestimated): compare with a classical --solver"]
 
@@ -161,19 +161,7 @@ def degeneracy_warning(name: str, order: Sequence[int], lineages: Sequence[int],
     if not weak:
         return []
     lo, hi = min(c for _, c in weak), max(c for _, c in weak)
-    return [f"{name}: SMC slices {_ranges([k for k, _ in weak])}: the {particles} particles "
+    return [f"{name}: SMC slices {format_slices([k for k, _ in weak])}: the {particles} particles "
             f"descend from {lo if lo == hi else f'{lo}-{hi}'} initial particle(s) (weight "
             f"degeneracy), so std is not a posterior std; use more particles, or an ensemble "
             f"(--solver dds --samples K)."]
-
-
-def _ranges(indices: Sequence[int]) -> str:
-    """'0-3, 7' for [0, 1, 2, 3, 7]."""
-    parts, start = [], None
-    for i, k in enumerate(indices):
-        if start is None:
-            start = k
-        if i + 1 == len(indices) or indices[i + 1] != k + 1:
-            parts.append(str(start) if start == k else f"{start}-{k}")
-            start = None
-    return ", ".join(parts)

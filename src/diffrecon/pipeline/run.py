@@ -56,7 +56,6 @@ from .options import (
 )
 from .results import (  # noqa: F401  (re-exported: old import path)
     MISFIT_WARN_CHI,
-    _ranges,
     check_slice_result,
     degeneracy_warning,
     degenerate_below,

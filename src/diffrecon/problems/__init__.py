@@ -20,7 +20,7 @@ import torch
 from diffrecon.errors import InputError, as_input_error
 
 from .normalise import Normaliser, intensity_reference, reference_level
-from .problem import Problem, parse_slices
+from .problem import Problem, format_slices, parse_slices
 
 ACQUISITION = ("acceleration", "mask_type", "center_fraction", "coil_maps",  # MRI only
                "coil_compression", "maps_cache")
@@ -92,4 +92,4 @@ def check_acquisition(path, modality: str, acquisition: dict) -> None:
 
 
 __all__ = ["ACQUISITION", "Normaliser", "Problem", "check_acquisition", "intensity_reference",
-           "load_problem", "parse_slices", "reference_level"]
+           "format_slices", "load_problem", "parse_slices", "reference_level"]

@@ -11,6 +11,8 @@ import numpy as np
 
 from diffrecon.errors import InputError
 
+from .problem import format_slices
+
 COMPRESS_ABOVE = 8  # 'auto' coil compression only for scans with more physical coils
 MIN_VIRTUAL_COILS = 8  # 'auto' keeps at least this many (well above the acceleration)
 COMPRESSION_ENERGY = 0.999  # 'auto' keeps at least this fraction of the k-space energy
@@ -268,8 +270,8 @@ def read_coil_maps(path, slice_shape, sel) -> np.ndarray:
         missing = sorted(set(sel) - set(held))
         if missing:
             raise InputError(f"{path}: dataset 'coil_maps' lacks scan slice(s) "
-                             f"{', '.join(map(str, missing))} (it holds "
-                             f"{_span(held)}); run diffrecon calib --slices for them")
+                             f"{', '.join(map(str, missing))} (it holds slices "
+                             f"{format_slices(held)}); run diffrecon calib --slices for them")
         where = {k: i for i, k in enumerate(held)}
         rows = sorted({where[k] for k in sel})  # h5py reads increasing indices
         maps = read_array(f, "coil_maps", kinds="c", ndim=4, index=rows)
@@ -280,8 +282,3 @@ def read_coil_maps(path, slice_shape, sel) -> np.ndarray:
 
     check_coil_maps(path, maps, sel)  # all-zero or absurdly scaled maps (issue 18)
     return maps.astype(np.complex64)
-
-
-def _span(indices) -> str:
-    return "no slices" if not indices else f"slices {', '.join(map(str, indices))}" \
-        if len(indices) <= 8 else f"{len(indices)} slices {min(indices)}-{max(indices)}"

@@ -139,6 +139,20 @@ def stack_physics(physics: list) -> Any:
     return clone
 
 
+def format_slices(indices) -> str:
+    """Slice indices in :func:`parse_slices`' syntax: [0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'
+    ('none' when empty)."""
+    idx = [int(i) for i in indices]
+    parts, start = [], None
+    for i, k in enumerate(idx):
+        if start is None:
+            start = k
+        if i + 1 == len(idx) or idx[i + 1] != k + 1:
+            parts.append(str(start) if start == k else f"{start}-{k}")
+            start = None
+    return ", ".join(parts) or "none"
+
+
 def parse_slices(spec) -> list[int] | None:
     """'0,2,5-7' / [0, 2] / 3 / None -> sorted unique slice indices (None = all)."""
     if spec is None or spec == "" or spec == "all":
