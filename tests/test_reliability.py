@@ -358,3 +358,40 @@ def test_library_warnings_dropped_on_failure_kept_on_success(recwarn):
     with warnings_unless_failed():
         assert works() == 3
     assert [str(w.message) for w in recwarn] == ["kept"]
+
+
+def test_random_solver_options_are_accepted_or_refused_naming_the_option():
+    """Property (hypothesis, derandomized): any solver with any option name (its own or not)
+    and any value (numbers incl. nan / inf / huge, text, booleans, lists, null) is either a
+    valid solver whose options hold the given value, or an ``InputError`` naming the option;
+    never another exception."""
+    import dataclasses
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from diffrecon.errors import InputError
+    from diffrecon.pipeline import RunOptions, make_solver
+    from diffrecon.recon import SOLVERS, solver_class
+
+    names = sorted({f.name for s in SOLVERS for f in dataclasses.fields(solver_class(s).Options)}
+                   | {"bogus"})
+    values = st.one_of(st.integers(-10**20, 10**20), st.floats(allow_nan=True),
+                       st.text(max_size=8), st.booleans(), st.none(),
+                       st.lists(st.integers(), max_size=2))
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(solver=st.sampled_from(sorted(SOLVERS)), option=st.sampled_from(names), value=values)
+    def check(solver, option, value):
+        try:
+            built = make_solver(solver, RunOptions(solver=solver,
+                                                   solver_options={option: value}))
+        except InputError as exc:
+            assert option in str(exc) or "--option" in str(exc), str(exc)
+            return
+        got = getattr(built.options, option)
+        assert got == value or (isinstance(value, str) and str(got) == value.strip()) or \
+            (isinstance(value, float) and got == value), (solver, option, value, got)
+
+    check()
