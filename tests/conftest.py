@@ -8,7 +8,6 @@ A module opts in to the thread fixture with ``pytestmark = pytest.mark.usefixtur
 
 from __future__ import annotations
 
-import hashlib
 import lzma
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from _hostile import RUN, arrays, deadline, invoke, leftovers, verbs
+from _shared import _file_sha, _one_line_error
 
 from diffrecon.datasets.simulate import simulate_ct, simulate_mri
 from diffrecon.priors.analytic import GaussianMixture
@@ -72,25 +72,6 @@ def files(tmp_path_factory):
         return dst
 
     return get
-
-
-def _one_line_error(res, *needles: str) -> str:
-    """The one stderr line of a CLI result that failed with exit 2, checked to start with
-    ``diffrecon: error: `` and to hold each of ``needles``; returned."""
-    err = res.stderr
-    assert res.exit_code == 2, (res.exit_code, err, res.stdout)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("diffrecon: error: "), err
-    assert "Traceback" not in err + res.stdout
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-def _file_sha(path) -> str:
-    """sha256 (hex) of a file's bytes: inputs are never modified."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,13 @@ attributes, truncated bytes, random bytes)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from _shared import _file_sha, _one_line_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -104,17 +104,8 @@ MUTATIONS = {"mri": COMMON + ["mask_length", "mask_values", "coil_maps"],
 CASES = [(k, m) for k, ms in MUTATIONS.items() for m in ms]
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def check_one_line_error(result, outputs=()):
-    err = result.stderr
-    assert result.exit_code == 2, (result.exit_code, err, result.stdout)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("diffrecon: error: "), err
-    assert "Traceback" not in err + result.stdout
+    _one_line_error(result)
     for out in outputs:
         assert not Path(out).exists()
         assert not list(Path(out).parent.glob(Path(out).name + ".tmp*"))
@@ -131,7 +122,7 @@ def test_malformed_files_exit_2_one_line(tmp_path_factory, templates, case, data
     mutate(path, kind, mutation,
            lambda lo, hi: data.draw(st.integers(lo, hi)),
            data.draw(st.binary(min_size=0, max_size=2048)))
-    before = _sha(path)
+    before = _file_sha(path)
     out = d / "out.h5"
     solver = {"mri": "zero-filled", "mri1": "zero-filled", "ct": "fbp", "image": "tv"}[kind]
     res = runner.invoke(app, ["run", str(path), "-o", str(out), "--solver", solver, "--quiet",
@@ -141,7 +132,7 @@ def test_malformed_files_exit_2_one_line(tmp_path_factory, templates, case, data
         assert path.name in res.stderr  # names the file
     res = runner.invoke(app, ["info", str(path)])
     check_one_line_error(res)
-    assert _sha(path) == before
+    assert _file_sha(path) == before
 
 
 def test_messages_name_the_problem(tmp_path, templates):

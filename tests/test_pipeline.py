@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from _shared import IsoGaussian
 
 from diffrecon import pipeline
 from diffrecon.datasets.fastmri import mask_seed_from_filename, read_mri_scan
@@ -19,24 +20,10 @@ from diffrecon.errors import InputError
 from diffrecon.metrics import evaluate_file
 from diffrecon.operators.masks import fastmri_mask
 from diffrecon.pipeline.run import smaller_batches
-from diffrecon.priors.base import Prior
 from diffrecon.problems import format_slices, parse_slices
 from diffrecon.problems.calib import calibrate_file
 from diffrecon.problems.info import describe_file
 from diffrecon.problems.mri import acs_width
-
-
-class IsoGaussian(Prior):
-    """Exact denoiser of x ~ N(0, s0^2 I): D(x, sigma) = x s0^2 / (s0^2 + sigma^2)."""
-
-    def __init__(self, s0=0.5, channels=2):
-        super().__init__()
-        self.name, self.channels, self.s0 = "iso-gaussian", channels, s0
-        self.data_range, self.sigma_min, self.sigma_max = (-1.0, 1.0), 0.01, 5.0
-
-    def _denoise(self, x, sigma):
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        return x * self.s0 ** 2 / (self.s0 ** 2 + s ** 2)
 
 
 @pytest.fixture(scope="module")

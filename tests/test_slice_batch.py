@@ -16,31 +16,18 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from _shared import IsoGaussian
 
 from diffrecon import pipeline, priors
 from diffrecon.datasets.io import read_result
 from diffrecon.datasets.simulate import simulate_ct, simulate_mri
 from diffrecon.errors import InputError
-from diffrecon.priors.base import Prior
 from diffrecon.problems import load_problem
 from diffrecon.recon import get_solver
 from diffrecon.recon.common import noise_sigma
 from diffrecon.recon.dds import DDSSolver
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Elementwise(Prior):
-    """Exact denoiser of x ~ N(0, s0^2 I) (no convolution: batch-invariant arithmetic)."""
-
-    def __init__(self, channels=2, s0=0.5):
-        super().__init__()
-        self.name, self.channels, self.s0 = "elementwise", channels, s0
-        self.data_range, self.sigma_min, self.sigma_max = (-1.0, 1.0), 0.01, 5.0
-
-    def _denoise(self, x, sigma):
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        return x * self.s0 ** 2 / (self.s0 ** 2 + s ** 2)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +47,7 @@ def _run(scan, out, **kw):
 
 
 def test_stacked_operator_is_the_slices_operators(volumes):
-    problem = load_problem(volumes["mri"], Elementwise(), device="cpu")
+    problem = load_problem(volumes["mri"], IsoGaussian(), device="cpu")
     maps = [p.coil_maps for p in problem.physics]
     assert not torch.equal(maps[0], maps[1])  # per-slice coil maps ...
     levels = [noise_sigma(p) for p in problem.physics]
@@ -79,7 +66,7 @@ def test_stacked_operator_is_the_slices_operators(volumes):
 
 @pytest.mark.parametrize("modality", ["mri", "ct"])
 def test_dds_on_stacked_slices_is_the_single_slice_solves(volumes, modality):
-    prior = Elementwise(channels=2 if modality == "mri" else 1)
+    prior = IsoGaussian(channels=2 if modality == "mri" else 1)
     problem = load_problem(volumes[modality], prior, device="cpu")
     n = len(problem.slices)
     solver = DDSSolver(steps=5)
@@ -98,7 +85,7 @@ def test_dds_on_stacked_slices_is_the_single_slice_solves(volumes, modality):
 
 @pytest.mark.parametrize("modality", ["mri", "ct"])
 def test_batch_sizes_bit_identical_with_elementwise_prior(tmp_path, volumes, modality):
-    prior = Elementwise(channels=2 if modality == "mri" else 1)
+    prior = IsoGaussian(channels=2 if modality == "mri" else 1)
     kw = dict(solver="dds", prior=prior, steps=6, samples=2)
     one = _run(volumes[modality], tmp_path / "b1.h5", batch_size=1, **kw)
     assert list(one.attrs["slice_batch_per_slice"]) == [1] * len(one.attrs["slices"])
@@ -138,7 +125,7 @@ def test_solvers_without_row_noise_solve_slice_by_slice(tmp_path, volumes):
     res = _run(volumes["ct"], tmp_path / "tv.h5", solver="tv", batch_size=3)
     assert list(res.attrs["slice_batch_per_slice"]) == [1, 1]
     res = _run(volumes["ct"], tmp_path / "rd.h5", solver="reddiff",
-               prior=Elementwise(channels=1), steps=2, batch_size=3)
+               prior=IsoGaussian(channels=1), steps=2, batch_size=3)
     assert list(res.attrs["slice_batch_per_slice"]) == [1, 1]
 
 
@@ -154,7 +141,7 @@ def test_oom_halves_the_slice_batch_first(monkeypatch, tmp_path, volumes):
     monkeypatch.setattr(DDSSolver, "solve", solve)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     events = []
-    res = _run(volumes["mri"], tmp_path / "r.h5", solver="dds", prior=Elementwise(), steps=2,
+    res = _run(volumes["mri"], tmp_path / "r.h5", solver="dds", prior=IsoGaussian(), steps=2,
                batch_size=4, samples=4, solver_options={"batch_size": 4},
                progress=events.append)
     assert tried[:4] == [(3, 4), (1, 4), (1, 2), (1, 2)]
@@ -166,7 +153,7 @@ def test_oom_halves_the_slice_batch_first(monkeypatch, tmp_path, volumes):
 
 
 def test_killed_batch_resumes(monkeypatch, tmp_path, volumes):
-    kw = dict(solver="dds", prior=Elementwise(), steps=3, batch_size=2)
+    kw = dict(solver="dds", prior=IsoGaussian(), steps=3, batch_size=2)
     clean = _run(volumes["mri"], tmp_path / "clean.h5", **kw)
     out = tmp_path / "r.h5"
     real_solve, calls = DDSSolver.solve, []
