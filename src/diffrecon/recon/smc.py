@@ -87,7 +87,8 @@ from .common import (
     systematic_resample,
 )
 from .reconstruction import Reconstruction
-from .smc_cloud import Cloud, Measurement
+from .smc_cloud import Cloud, Measurement, State
+from .smc_spread import LOCAL, ParticleGroup
 
 PROPOSALS = ("gaussian", "twisted", "bootstrap")
 KERNEL_VARIANCES = ("auto", "ddim", "analytic")
@@ -178,6 +179,7 @@ class SMCSolver(Solver):
     Options = SMCOptions
     requires_linear = True
     working_dtype = torch.float64
+    group: ParticleGroup | None = None  # spread_over: particles over processes
 
     def _check(self, physics, prior) -> None:
         super()._check(physics, prior)
@@ -208,19 +210,25 @@ class SMCSolver(Solver):
             yield y[b:b + 1], Cloud(
                 meas, ctx.prior, o, sigmas, ctx.sigma_y, o.kappa * gain, x0_var, data_var,
                 ctx.signal_shape,
-                make_generators([entropy[b]], y.device)[0], num_samples, ctx.callback, b)
+                make_generators([entropy[b]], y.device)[0], num_samples, ctx.callback, b,
+                self.group)
 
     def _sample(self, y: Tensor, cloud: Cloud) -> tuple[Tensor, ...]:
         """One measurement's Feynman-Kac run (module docstring). Returns (particles, log_w,
         samples, log Z, ESS per step, resampled per step, final ESS, eve indices), all
         tensors (no host sync). Eve indices give the Chan & Lai / Lee & Whiteley variance
-        estimate of any weighted average: sum_j (sum_{i: eve_i = j} w_i (phi_i - mean))^2."""
-        n, sigmas = self.options.num_particles, cloud.sigmas
-        dev, steps = sigmas.device, sigmas.shape[0] - 1
+        estimate of any weighted average: sum_j (sum_{i: eve_i = j} w_i (phi_i - mean))^2.
+
+        Spread over processes (``smc_spread``): the proposals run on this process's rows
+        (``mine``); the weights, particles and states are gathered after each step, so the
+        weights, resampling, lineages and results are the whole cloud's on every process."""
+        n, sigmas, group = self.options.num_particles, cloud.sigmas, cloud.group or LOCAL
+        dev, steps, mine = sigmas.device, sigmas.shape[0] - 1, group.rows(n)
         with torch.no_grad():
             z = sigmas[0] * cloud.randn(*cloud.shape)
             state = cloud.evaluate(z, sigmas[0])       # x0, eps, log G_T, grad
-            log_w = state.log_g.double()               # gamma_T = N(0, sigma_T^2) G_T
+            log_w, z, *whole = group.gather(state.log_g.double(), z, *state)
+            state = State(*whole)                      # gamma_T = N(0, sigma_T^2) G_T
             log_z = torch.zeros((), dtype=torch.float64, device=dev)
             eve = torch.arange(n, device=dev)          # time-0 ancestor of each particle
             ess_trace, resampled = [], []
@@ -231,18 +239,23 @@ class SMCSolver(Solver):
                 anc = torch.where(do, systematic_resample(log_w, cloud.uniform()),
                                   torch.arange(n, device=dev))
                 z, eve = z[anc], eve[anc]
-                x0, eps, log_g, grad = (u[anc] for u in state)
+                x0, eps, log_g, grad = (u[anc[mine]] for u in state)
                 lse = torch.logsumexp(log_w, 0)
                 log_z = log_z + torch.where(do, lse - math.log(n), torch.zeros_like(lse))
                 log_w = torch.where(do, torch.zeros_like(log_w), log_w[anc])
                 ess_trace.append(ess)
                 resampled.append(do)
-                cloud.report(i=i, sigma=sigmas[i], x=z, denoised=x0, log_weights=log_w)
+                if cloud.callback is not None:
+                    cloud.report(i=i, sigma=sigmas[i], x=z, log_weights=log_w,
+                                 denoised=x0 if group.world == 1 else state.x0[anc])
                 if i == steps - 1:                     # exact final step, any proposal
                     z, log_num = cloud.final_step(i, x0)
+                    increment, z = group.gather((log_num - log_g).double(), z)
                 else:
                     z, state, log_num = cloud.propose(i, x0, eps, grad)
-                log_w = log_w + (log_num - log_g).double()
+                    increment, z, *whole = group.gather((log_num - log_g).double(), z, *state)
+                    state = State(*whole)
+                log_w = log_w + increment
             final_ess = effective_sample_size(log_w)
             log_z = log_z + torch.logsumexp(log_w, 0) - math.log(n)
             pick = systematic_resample(log_w, cloud.uniform(), cloud.num_samples)
@@ -271,7 +284,19 @@ class SMCSolver(Solver):
                                              torch.stack(samples, 1), info)
 
     def _chains(self, num_samples: int, batch: int) -> int:
-        return self.options.num_particles * batch
+        return self.options.num_particles // (self.group or LOCAL).world * batch
+
+    def spread_over(self, group: ParticleGroup) -> SMCSolver:
+        """This solver with each cloud's particles spread over the processes of ``group``
+        (``smc_spread``): call ``solve`` with the same arguments in every process; each
+        returns the Reconstruction one process returns, bit for bit. ValueError unless
+        num_particles splits into whole ``chunk_size`` chunks per process. Counts in
+        ``info`` (denoiser rows, operator applications) are this process's; NFE is per
+        particle as usual."""
+        group.check(self.options.num_particles, self.options.chunk_size, self.name)
+        spread = type(self)(self.options)
+        spread.group = group if group.world > 1 else None
+        return spread
 
     def _mmse(self, prior, sigmas: Tensor) -> Tensor | None:
         """prior.mmse at sigmas[:-1] when an option uses it, else None; one prior call

@@ -116,14 +116,21 @@ class Cloud:
     num_samples: int
     callback: Callable[[dict], None] | None
     index: int                       # the measurement's row in y
+    group: Any = None                # smc_spread.ParticleGroup: particles over processes
 
     def randn(self, *shape: int) -> Tensor:
-        """(N, *shape) standard normal draws from the cloud's stream."""
-        return torch.randn((self.options.num_particles, *shape), generator=self.gen,
-                           dtype=self.sigmas.dtype, device=self.sigmas.device)
+        """(R, *shape) standard normal draws from the cloud's stream: R = N, or this
+        process's R rows of the whole cloud's (N, *shape) draw when the particles are spread
+        over processes (``smc_spread``: every process draws all N rows, so the streams stay
+        in step). Proposals draw all their noise here and size by R, not N."""
+        n = self.options.num_particles
+        draw = torch.randn((n, *shape), generator=self.gen, dtype=self.sigmas.dtype,
+                           device=self.sigmas.device)
+        return draw if self.group is None else draw[self.group.rows(n)]
 
     def uniform(self) -> Tensor:
-        """One U(0, 1) draw (scalar, float64) from the cloud's stream."""
+        """One U(0, 1) draw (scalar, float64) from the cloud's stream (the same in every
+        process of a spread cloud)."""
         return torch.rand((), generator=self.gen, dtype=torch.float64, device=self.sigmas.device)
 
     def report(self, **fields) -> None:
