@@ -48,7 +48,8 @@ class _Clock:
 PER_SOLVE_OPERATOR_CALLS = 3
 
 
-def run_child(kind: str, scan: str, out: str, steps: int | None, threads: int) -> None:
+def run_child(kind: str, scan: str, out: str, steps: int | None, threads: int,
+              precision: str = "fp32") -> None:
     """Subprocess body: one default run of ``scan`` (module docstring); prints one JSON line."""
     setup(threads)
     import diffrecon.pipeline.run as prun
@@ -84,6 +85,8 @@ def run_child(kind: str, scan: str, out: str, steps: int | None, threads: int) -
 
     prun.load_problem, prun.load_prior = timed_problem, timed_prior
     opts = {"device": "cpu", "slices": "0"}
+    if precision != "fp32":
+        opts["precision"] = precision
     if "threads" in {f.name for f in dataclasses.fields(pipeline.RunOptions)}:
         opts["threads"] = threads  # the run pins its own thread count (default 1)
     if kind == "mri-run":
@@ -117,17 +120,18 @@ def run_child(kind: str, scan: str, out: str, steps: int | None, threads: int) -
         "steps": int(a["solver_options"]["steps"]), "coils": a.get("coil_compression")}))
 
 
-def whole_rows(jobs: list[tuple[str, str, Path, int | None]], threads: int, tmp: Path
+def whole_rows(jobs: list[tuple[str, str, Path, int | None, str]], threads: int, tmp: Path
                ) -> list[dict]:
-    """One default run per job (label, kind, scan, steps), each in a fresh subprocess."""
+    """One default run per job (label, kind, scan, steps, precision), each in a fresh
+    subprocess."""
     from diffrecon.pipeline.options import DEFAULT_STEPS
 
     rows = []
-    for label, kind, scan, steps in jobs:
-        out = tmp / f"{scan.stem}-{kind}" / "result.h5"  # fresh folder: no ESPIRiT cache
+    for label, kind, scan, steps, precision in jobs:
+        out = tmp / f"{scan.stem}-{kind}-{precision}" / "result.h5"  # fresh: no ESPIRiT cache
         out.parent.mkdir(parents=True, exist_ok=True)
         args = ["--_run", kind, str(scan), str(out), str(steps or 0), "--threads",
-                str(threads)]
+                str(threads), "--precision", precision]
         res = subprocess.run(
             [sys.executable, "-c", f"from benchmarks.realsize import main; main({args!r})"],
             cwd=REPO, capture_output=True, text=True,

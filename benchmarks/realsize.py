@@ -316,6 +316,8 @@ def main(argv=None) -> str:
                    help="DDS steps of the CT whole runs (default: the default run's 100)")
     p.add_argument("--ct-geometries", nargs="+", choices=("parallel", "fan"),
                    default=["parallel", "fan"])
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
+                   help="network precision of the whole runs (a row each; RunOptions.precision)")
     p.add_argument("--_ct", nargs=4, help="(internal) geometry n views repeats")
     p.add_argument("--_run", nargs=4, help="(internal) kind scan out steps")
     a = p.parse_args(argv)
@@ -325,7 +327,7 @@ def main(argv=None) -> str:
         return ""
     if a._run:
         kind, scan, out, steps = a._run
-        run_child(kind, scan, out, int(steps) or None, a.threads)
+        run_child(kind, scan, out, int(steps) or None, a.threads, a.precision[0])
         return ""
     setup(a.threads)
     size, coils, ct_n, ct_views = (64, 8, 64, 90) if a.quick else (320, 16, 512, 720)
@@ -355,14 +357,15 @@ def main(argv=None) -> str:
                 f"## CT: {ct_n} x {ct_n}, {ct_views} views (CPU s, medians of {repeats})", "",
                 markdown_table(ct_rows(ct_n, ct_views, repeats, a.threads)), ""]
         if "mri-run" in a.parts:
-            jobs.append((f"MRI {2 * size} x {size} -> {size} x {size}, {coils} coils, 4x",
-                         "mri-run", path, run_steps))
+            jobs += [(f"MRI {2 * size} x {size} -> {size} x {size}, {coils} coils, 4x, "
+                      f"{precision}", "mri-run", path, run_steps, precision)
+                     for precision in a.precision]
         if "ct-run" in a.parts:
             for geometry in a.ct_geometries:
                 scan = folder / f"realsize_ct_{geometry}_{ct_n}_{ct_views}.h5"
                 write_ct_file(scan, geometry, ct_n, ct_views)
-                jobs.append((f"CT {geometry} {ct_n} x {ct_n}, {ct_views} views",
-                             "ct-run", scan, ct_steps))
+                jobs += [(f"CT {geometry} {ct_n} x {ct_n}, {ct_views} views, {precision}",
+                          "ct-run", scan, ct_steps, precision) for precision in a.precision]
         if "step-split" in a.parts:
             sections += ["## Per DDS step (process CPU s, this process)", "",
                          markdown_table(step_rows(size, 8, ct_n, ct_views, repeats)), ""]

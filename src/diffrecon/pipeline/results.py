@@ -65,8 +65,10 @@ def slice_result(rec, norm, save_samples: bool, support=None, row: int = 0
 
 
 def write(plan: Plan, problem: Problem, solver, results: dict[int, dict[str, Any]],
-          prior_checksum: str, device: str, t0: float) -> dict[str, Any]:
-    """Write the result file of ``plan`` atomically with its provenance; return a summary."""
+          prior_checksum: str, device: str, t0: float, precision: str = "fp32"
+          ) -> dict[str, Any]:
+    """Write the result file of ``plan`` atomically with its provenance; return a summary.
+    ``precision``: the network precision used (``options.set_precision``)."""
     from diffrecon import __version__
     from diffrecon.datasets.io import write_result
 
@@ -88,7 +90,7 @@ def write(plan: Plan, problem: Problem, solver, results: dict[int, dict[str, Any
         "prior_sha256": prior_checksum, "seed": st["seed"],
         "seed_convention": "slice k draws from seed material (seed, k)",
         "num_samples": st["samples"], "slices": np.asarray(order, dtype=np.int64),
-        "device": device, "threads": int(torch.get_num_threads()),
+        "device": device, "precision": precision, "threads": int(torch.get_num_threads()),
         "nfe": int(max(nfe)) if nfe else 0,
         "nfe_per_slice": np.asarray(nfe, dtype=np.int64),
         "slice_batch_per_slice": np.asarray([r.get("slice_batch", 1) for r in per],

@@ -52,6 +52,7 @@ from .options import (
     make_solver,
     resolve_device,
     result_fields,
+    set_precision,
     solver_option_dict,
 )
 from .results import (  # noqa: F401  (re-exported: old import path)
@@ -182,6 +183,8 @@ def reconstruct_planned(plan: Plan, progress: Progress | None = None, shard=None
     device = resolve_device(opts.device)
     prior = load_prior(plan.prior, device, **opts.prior_load()) if plan.prior is not None \
         else None
+    precision = "fp32" if prior is None else set_precision(prior, opts.precision,
+                                                         plan.settings["prior"], device)
     if plan.calibration is not None:  # the prior's weights too, before any scan is read
         from .calibrate import check_run
 
@@ -225,7 +228,7 @@ def reconstruct_planned(plan: Plan, progress: Progress | None = None, shard=None
         if results is None:  # another rank writes
             return None
     checksum = prior.checksum if prior is not None else "none"
-    summary = write(plan, problem, solver, results, checksum, str(device), t0)
+    summary = write(plan, problem, solver, results, checksum, str(device), t0, precision)
     remove_stale_temporaries(plan.output_path)
     _emit(progress, event="done", path=str(plan.input_path), output=str(plan.output_path))
     return summary

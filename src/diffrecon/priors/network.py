@@ -125,8 +125,10 @@ class NetworkPrior(Prior):
     """A trained U-Net wrapped in EDM preconditioning (see module docstring).
 
     ``sigma_data`` is the data's standard deviation and ``data_mean`` its mean (scalar, data
-    units). The network runs in float32 (bf16 autocast on CUDA when ``autocast``); the result
-    is returned in x's dtype by :meth:`Prior.denoise`.
+    units). The network runs in float32, or under bf16 autocast when ``autocast`` (training:
+    ``amp`` on CUDA; inference: ``RunOptions.precision="bf16"``, CUDA or a CPU with native
+    bf16; the output F is then about 1% off in relative L2 norm, scaled by c_out); the
+    result is returned in x's dtype by :meth:`Prior.denoise`.
     """
 
     def __init__(self, net: UNet, *, name: str = "network", data_range=(0.0, 1.0),
@@ -157,7 +159,8 @@ class NetworkPrior(Prior):
         """D(x, sigma) for float32 x (B, C, H, W) with H, W multiples of size_multiple."""
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
         xc = x - self.data_mean
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast and x.is_cuda):
+        fast = self.autocast and x.device.type in ("cuda", "cpu")
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=fast):
             f = self.net(xc * expand_like(c_in, x), c_noise)
         return self.data_mean + expand_like(c_skip, x) * xc + expand_like(c_out, x) * f.to(x.dtype)
 

@@ -233,7 +233,8 @@ def train_prior(out_dir: str | os.PathLike, *, family: str | Sequence[str] = "na
     def wrap(module):
         return NetworkPrior(module, name=name, data_range=tuple(stats["data_range"]),
                             sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data,
-                            data_mean=data_mean, intensity_reference=reference, autocast=amp)
+                            data_mean=data_mean, intensity_reference=reference,
+                            autocast=amp and dev.type == "cuda")
 
     model, ema_prior = wrap(net), wrap(ema)
 
