@@ -9,9 +9,11 @@ ranks against the same run in this process."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 
@@ -132,3 +134,141 @@ def test_the_group_refuses_splits_that_would_change_the_bits():
         ParticleGroup(1, 3).check(24, 5)
     assert ParticleGroup(1, 3).rows(24) == slice(8, 16)
     assert SMCSolver(num_particles=8).spread_over(ParticleGroup()).group is None  # 1 process
+
+
+# ------------------------------------------------------------------------ a rank dies
+
+def _dying_child(rank: int, store: str, out: str) -> None:
+    """Rank 1 exits at step 2 of its solve; rank 0 writes what stopped it."""
+    from diffrecon.errors import RankLost
+    from diffrecon.pipeline.peers import Peers
+    from diffrecon.pipeline.spread import ParticleShard
+
+    torch.set_num_threads(1)
+    fs = torch.distributed.FileStore(store, 2)
+    torch.distributed.init_process_group("gloo", store=fs, rank=rank, world_size=2)
+    peers = Peers(rank, 2, 30.0, store=fs)
+    solver = ParticleShard(rank, 2, peers).solver(SMCSolver(num_particles=8, chunk_size=2,
+                                                            steps=50))
+
+    def callback(fields):
+        if rank == 1 and fields["i"] == 2:
+            os._exit(3)
+
+    try:
+        solver.solve(*_problem(), ConvPrior(), seed=5, callback=callback)
+        Path(out).write_text("finished")
+    except RankLost as exc:
+        Path(out).write_text(str(exc))
+    os._exit(0)
+
+
+def test_a_rank_that_dies_inside_the_solve_stops_the_other_with_one_line(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    out = tmp_path / "rank0.txt"
+    procs = [ctx.Process(target=_dying_child, args=(r, str(tmp_path / "store"), str(out)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    procs[0].join(120)
+    assert procs[0].exitcode == 0, procs[0].exitcode
+    text = out.read_text()
+    assert f"rank 0: stopping because rank 1 (pid {procs[1].pid}) has died" in text, text
+    procs[1].join(10)
+    assert procs[1].exitcode == 3
+
+
+# ------------------------------------------------------------------------ command line
+
+RUN = ["--solver", "smc", "--prior", "phantom-mri", "--option", "num_particles=4",
+       "--option", "chunk_size=2", "--steps", "4", "--device", "cpu"]
+
+
+def _contents(path: Path) -> tuple[dict, dict]:
+    """A result file's datasets (bytes) and attributes, less its timings."""
+    data = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: data.__setitem__(name, obj[()].tobytes())
+                     if isinstance(obj, h5py.Dataset) else None)
+        attrs = {k: str(v) for k, v in f.attrs.items() if not k.endswith("time_s")}
+    return data, attrs
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun test on Linux")
+def test_torchrun_two_ranks_write_the_bits_of_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m diffrecon run SCAN --spread particles` (4 particles of
+    the phantom-mri network prior, 2 per rank, 2 slices) writes the file one process writes:
+    every dataset bit for bit and every attribute but the timings."""
+    from diffrecon.datasets.simulate import simulate_mri
+    from diffrecon.pipeline import reconstruct_many
+
+    scan = tmp_path / "s.h5"
+    simulate_mri(scan, size=32, slices=2, coils=2, acceleration=4, center_fraction=0.2,
+                 noise=0.01, seed=0, with_coil_maps=True)
+    reconstruct_many([scan], tmp_path / "one.h5", solver="smc", prior="phantom-mri",
+                     solver_options={"num_particles": 4, "chunk_size": 2}, steps=4,
+                     device="cpu", spread="particles")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "-m", "diffrecon", "run", str(scan), "-o",
+                          str(tmp_path / "two.h5"), *RUN, "--spread", "particles", "--quiet"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = _contents(tmp_path / "one.h5"), _contents(tmp_path / "two.h5")
+    assert {"reconstruction", "std", "reconstruction_complex"} <= set(one[0])
+    assert one == two
+    assert "spread" not in one[1]  # not part of the result: the bits are the same
+
+
+@pytest.fixture(scope="module")
+def small_scan(tmp_path_factory) -> Path:
+    from diffrecon.datasets.simulate import simulate_mri
+
+    scan = tmp_path_factory.mktemp("scan") / "s.h5"
+    simulate_mri(scan, size=16, slices=1, coils=2, acceleration=4, center_fraction=0.25,
+                 seed=0, with_coil_maps=True)
+    return scan
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["--solver", "dds"], ["--spread particles", "needs --solver smc, got --solver dds"]),
+    ([], ["needs --solver smc, got --solver default"]),
+    (["--solver", "smc", "--spread", "halves"], ["--spread 'halves' is not valid"]),
+])
+def test_spread_flag_refuses_what_it_cannot_do(tmp_path, small_scan, one_line_error,
+                                               file_sha, args, needles):
+    from typer.testing import CliRunner
+
+    from diffrecon.cli.main import app
+
+    scan = small_scan
+    before = file_sha(scan)
+    spread = [] if "--spread" in args else ["--spread", "particles"]
+    res = CliRunner().invoke(app, ["run", str(scan), "-o", str(tmp_path / "o.h5"), *args,
+                                   *spread])
+    one_line_error(res, *needles)
+    assert not (tmp_path / "o.h5").exists() and file_sha(scan) == before
+
+
+@pytest.mark.parametrize(("options", "needle"), [
+    (["num_particles=5", "chunk_size=1"], "num_particles=5 does not split over 2 processes"),
+    (["num_particles=64"], "chunk_size=256 does not divide the 32 particles per process "
+                           "(num_particles=64 over 2); use --option chunk_size=32"),
+])
+def test_particles_that_do_not_split_over_the_ranks_are_refused_before_any_work(
+        tmp_path, small_scan, monkeypatch, one_line_error, file_sha, options, needle):
+    """Under torchrun (WORLD_SIZE 2), before the process group starts or a file is read."""
+    from typer.testing import CliRunner
+
+    from diffrecon.cli.main import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    opts = [a for o in options for a in ("--option", o)]
+    before = file_sha(small_scan)
+    res = CliRunner().invoke(app, ["run", str(small_scan), "-o", str(tmp_path / "o.h5"),
+                                   "--solver", "smc", *opts, "--spread", "particles"])
+    one_line_error(res, "--spread particles: smc: option", needle)
+    assert not torch.distributed.is_initialized()
+    assert not (tmp_path / "o.h5").exists() and file_sha(small_scan) == before

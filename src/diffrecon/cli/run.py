@@ -133,6 +133,12 @@ def run(
         "--rank-timeout", help="Under torchrun: seconds without a heartbeat after which a "
                                "rank is taken as dead and the others stop.")
                             ] = D.rank_timeout,
+    spread: Annotated[str, typer.Option(
+        "--spread", help="Under torchrun, what the ranks share: slices (whole files, or one "
+                         "file's slices) or particles (--solver smc: every rank takes part in "
+                         "each solve with num_particles / ranks of the particles, a multiple "
+                         "of the chunk_size option; the same bits as one process).")
+                      ] = D.spread,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary (rank 0).")
                        ] = False,
@@ -141,7 +147,8 @@ def run(
 
     Resumable: each result is written to a temporary name and renamed when complete; a
     rerun skips inputs whose complete result exists. Under `torchrun --nproc-per-node=G
-    diffrecon run ...` files (or a single file's slices) are sharded across processes.
+    diffrecon run ...` files (or a single file's slices) are sharded across processes;
+    with `--solver smc --spread particles` each SMC cloud's particles are.
     """
     from diffrecon.cli.progress import TqdmProgress
     from diffrecon.pipeline import collect_inputs, reconstruct_many

@@ -26,6 +26,7 @@ from .peers import (  # noqa: F401  (re-exported: old import path)
     init_distributed,
 )
 from .run import Progress, planned, reconstruct_file, reconstruct_planned
+from .spread import check_spread, spread_file
 
 SCAN_SUFFIXES = (".h5", ".hdf5")
 
@@ -188,8 +189,10 @@ def reconstruct_many(inputs: Sequence[str | os.PathLike], output: str | os.PathL
     ``<stem>_recon.h5``); several inputs or a directory: ``output`` is a directory
     (created). A file that fails does not stop the others; at the end the first failure is
     raised (``InputError`` for input problems). Under torchrun (``WORLD_SIZE`` > 1) files
-    are sharded round-robin across ranks, or for a single file its slices; every rank
-    returns all summaries in input order. ``options`` / ``overrides`` as in
+    are sharded round-robin across ranks, or for a single file its slices; with
+    ``spread='particles'`` (SMC) every rank takes part in every solve, holding N / W of
+    each cloud's particles (``pipeline.spread``); every rank returns all summaries in input
+    order. ``options`` / ``overrides`` as in
     :func:`reconstruct_file`.
 
     Concurrent runs on one output directory compute each result once: an output whose lock
@@ -198,6 +201,7 @@ def reconstruct_many(inputs: Sequence[str | os.PathLike], output: str | os.PathL
     (``rank_timeout``) stops the others with ``errors.RankLost`` (:class:`Peers`).
     """
     opts = RunOptions.of(options, **overrides)
+    check_spread(opts)
     files = collect_inputs(inputs)
     targets = output_paths(inputs, files, output)
     rank, world, owned = init_distributed()
@@ -206,7 +210,10 @@ def reconstruct_many(inputs: Sequence[str | os.PathLike], output: str | os.PathL
         stopped = False
         try:
             peers = Peers(rank, world, opts.rank_timeout) if world > 1 else None
-            if world > 1 and len(files) == 1:
+            if world > 1 and opts.spread == "particles":  # every file on every rank
+                records = [spread_file(f, t, opts, progress, rank, world, peers)
+                           for f, t in zip(files, targets, strict=True)]
+            elif world > 1 and len(files) == 1:
                 records = [_sharded_file(files[0], targets[0], opts, progress, rank, world,
                                          peers)]
             else:
@@ -265,6 +272,10 @@ class SliceShard:
 
     def mine(self, indices: range) -> range:
         return indices[self.rank::self.world]
+
+    def solver(self, solver):
+        """The solver a rank runs its slices with: ``solver`` itself."""
+        return solver
 
     def exchange(self, payload) -> list:
         """The payloads of every rank (a collective)."""

@@ -77,6 +77,9 @@ class RunOptions:
     number gives the same bits in one process and under torchrun; ``pipeline.concurrency``).
     rank_timeout: under torchrun, seconds without a heartbeat after which a rank is taken as
     dead and the others stop (``peers.Peers``).
+    spread: under torchrun, what the ranks share: 'slices' (files round-robin, or one file's
+    slices) or 'particles' (smc only: every solve, N / W of each cloud's particles per rank;
+    the same bits as one process, ``pipeline.spread``).
     """
 
     solver: str | None = None
@@ -103,6 +106,7 @@ class RunOptions:
     overwrite: bool = field(default=False, metadata={RESULT: False})
     threads: int = field(default=DEFAULT_THREADS, metadata={RESULT: False})  # provenance
     rank_timeout: float = field(default=60.0, metadata={RESULT: False})
+    spread: str = field(default="slices", metadata={RESULT: False})  # same bits either way
 
     def __post_init__(self):
         _integer("--samples", self.samples, 1)
@@ -149,6 +153,9 @@ class RunOptions:
         object.__setattr__(self, "slices", parse_slices(self.slices))
         if self.solver is not None:  # its options too, before any file is read
             make_solver(self.solver, self)
+        from .spread import check_spread
+
+        check_spread(self, world=1)  # the split over the ranks: reconstruct_many
 
     @classmethod
     def of(cls, options: RunOptions | None = None, **overrides) -> RunOptions:

@@ -140,7 +140,8 @@ class Peers:
         """Tell the peers why this rank stops (best effort); under torchrun a SIGTERM
         usually means the launcher stops every rank because one failed: the message then
         names the lost rank when it can."""
-        reason = "was stopped" if isinstance(exc, RankLost) else f"was {exc}".split(";")[0]
+        reason = getattr(exc, "reason", None) or ("was stopped" if isinstance(exc, RankLost)
+                                                  else f"was {exc}".split(";")[0])
         with contextlib.suppress(Exception):
             self.store.set(f"left/{self.rank}", reason)
         if isinstance(exc, Interrupted):

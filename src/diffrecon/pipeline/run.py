@@ -141,8 +141,9 @@ def reconstruct_file(input_path, output_path, options: RunOptions | None = None,
             (``reconstruct_file(scan, out, solver="tv", seed=3)``).
         progress: callback receiving event dicts: {'event': 'file' | 'step' | 'slice' |
             'skip' | 'done' | 'message', ...}.
-        shard: under torchrun, this rank's share of the slices (``batch.SliceShard``); the
-            result is then written by rank 0 and the other ranks return None.
+        shard: under torchrun, this rank's share of the slices (``batch.SliceShard``) or
+            of each solve's particles (``spread.ParticleShard``); the result is then written
+            by rank 0 and the other ranks return None.
 
     Returns a summary dict (input, output, status 'done' | 'skipped', solver, nfe, ...).
     """
@@ -195,7 +196,8 @@ def reconstruct_planned(plan: Plan, progress: Progress | None = None, shard=None
                            **opts.acquisition())
     todo = range(len(problem.slices))
     todo = todo if shard is None else shard.mine(todo)
-    solver, results, name = plan.solver, {}, plan.input_path.name
+    solver = plan.solver if shard is None else shard.solver(plan.solver)
+    results, name = {}, plan.input_path.name
     _emit(progress, event="file", path=str(plan.input_path), slices=len(todo),
           steps=getattr(solver.options, "steps", None), samples=opts.samples)
     # slices of one volume together, up to the slice batch size (module docstring; the loop
@@ -212,6 +214,8 @@ def reconstruct_planned(plan: Plan, progress: Progress | None = None, shard=None
             rec = solver.solve(y, physics, prior, num_samples=opts.samples,
                                seed=[(opts.seed, k) for k in ks], callback=report)
         except torch.OutOfMemoryError:  # halve the slice batch first, then samples per pass
+            if getattr(shard, "lockstep", False):  # spread particles: no rank redoes alone
+                raise
             solver, size = smaller_batches(solver, name, progress, slices=len(group))
             continue
         except (TypeError, ValueError) as exc:  # the solver refuses this problem
