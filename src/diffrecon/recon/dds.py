@@ -60,6 +60,42 @@ def fresh_fraction(eta: float, convention: str, sigma: Tensor, sigma_next: Tenso
     return ddim_fresh_fraction(eta, sigma, sigma_next)
 
 
+def data_consistency(physics, y: Tensor, sigma_y: float | tuple[float, ...],
+                     sigma_data: float, gamma: float | str, cg_iters: int, name: str
+                     ) -> Callable[[Tensor, Tensor], Tensor]:
+    """DDS's data-consistency step (module docstring) as (x0_hat, sigma) -> x0': CG started
+    at x0_hat on (I + gamma A^T A) x = x0_hat + gamma A^T y (noisy) or on A^T A x = A^T y
+    (noiseless), ``cg_iters`` iterations. gamma: a number or "auto" = min(sigma,
+    sigma_data)^2 / sigma_y^2 (``DDSOptions``). sigma_y: one float, or a tuple with one
+    noise level per row of y (each row then gets the scalar weight a solve of it alone would
+    use). y (B, ...) or (1, ...), which broadcasts over the rows of x0_hat. Shared by DDS
+    (``DDSSolver._consistency``) and SMC's "dds" proposal; ``name`` prefixes its errors."""
+    normal = normal_operator(physics)
+    aty = physics.A_adjoint(y)
+    levels = sigma_y if isinstance(sigma_y, tuple) else None  # one per row
+    noiseless = [s == 0 for s in levels] if levels is not None else [sigma_y == 0]
+    if any(noiseless) != all(noiseless):
+        raise ValueError(f"{name}: a batch mixes noiseless and noisy measurements; solve them "
+                         f"separately")
+    if noiseless[0]:
+        return lambda x0, sigma: cg(normal, aty, x0, cg_iters)
+
+    def weight(sigma, level):
+        if gamma == "auto":
+            return torch.clamp(sigma, max=sigma_data).to(y.dtype) ** 2 / level ** 2
+        return gamma
+
+    def consistency(x0, sigma):
+        if levels is None:
+            g = weight(sigma, sigma_y)
+        else:  # row b gets exactly the scalar weight a solve of it alone would use
+            g = bview(torch.stack([torch.as_tensor(weight(sigma, s), dtype=y.dtype,
+                                                   device=y.device) for s in levels]), x0)
+        return cg(lambda x: x + g * normal(x), x0 + g * aty, x0, cg_iters)
+
+    return consistency
+
+
 @dataclass(frozen=True)
 class DDSOptions:
     """DDS options (paper values in comments).
@@ -129,30 +165,8 @@ class DDSSolver(Solver):
         return partial(tweedie, ctx.prior)
 
     def _consistency(self, y: Tensor, ctx: SolveContext) -> Callable[[Tensor, Tensor], Tensor]:
-        """(x0_hat, sigma) -> x0': CG started at x0_hat on (I + gamma A^T A) x = x0_hat +
-        gamma A^T y (noisy) or on A^T A x = A^T y (noiseless)."""
-        o, normal = self.options, normal_operator(ctx.physics)
-        aty = ctx.physics.A_adjoint(y)
-        levels = ctx.sigma_y if isinstance(ctx.sigma_y, tuple) else None  # one per row
-        noiseless = [s == 0 for s in levels] if levels is not None else [ctx.sigma_y == 0]
-        if any(noiseless) != all(noiseless):
-            raise ValueError("dds: a batch mixes noiseless and noisy measurements; solve them "
-                             "separately")
-        if noiseless[0]:
-            return lambda x0, sigma: cg(normal, aty, x0, o.cg_iters)
-        sigma_data = float(getattr(ctx.prior, "sigma_data", 0.5))
-
-        def weight(sigma, sigma_y):
-            if o.gamma == "auto":
-                return torch.clamp(sigma, max=sigma_data).to(y.dtype) ** 2 / sigma_y ** 2
-            return o.gamma
-
-        def consistency(x0, sigma):
-            if levels is None:
-                gamma = weight(sigma, ctx.sigma_y)
-            else:  # row b gets exactly the scalar weight a solve of it alone would use
-                gamma = bview(torch.stack([torch.as_tensor(weight(sigma, s), dtype=y.dtype,
-                                                           device=y.device) for s in levels]), x0)
-            return cg(lambda x: x + gamma * normal(x), x0 + gamma * aty, x0, o.cg_iters)
-
-        return consistency
+        """(x0_hat, sigma) -> x0': ``data_consistency`` with this solver's gamma and cg_iters."""
+        o = self.options
+        return data_consistency(ctx.physics, y, ctx.sigma_y,
+                                float(getattr(ctx.prior, "sigma_data", 0.5)), o.gamma,
+                                o.cg_iters, "dds")

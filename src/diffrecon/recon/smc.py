@@ -64,6 +64,30 @@ Because the potentials telescope and G_0 is the true likelihood, every variant t
 p_model(x) N(y; A x, sigma_y^2 I) exactly (p_model: the law of the DDIM chain); the choice
 only changes the variance.
 
+  "dds" (a STEERED ENSEMBLE of DDS chains, NOT an exact posterior sampler): the proposal is
+      DDS's step (``dds`` module, same code): x0_hat = D(z_t, sigma_t), x0' = CG data
+      consistency from x0_hat (gamma, cg_iters), z_s = x0' + sigma_s (sqrt(f) xi + sqrt(1-f)
+      eps_hat) with DDS's fresh fraction f (eta, noise_convention); the last step returns x0'
+      = consistency(D(z_1, sigma_1), sigma_1), as DDS does. Its law has no density to put in
+      the weights, so the weights are FK steering's "difference" potentials (Singhal et al.
+      arXiv 2501.06848) on the data fit of the prior's estimate:
+          log G_t(z) = beta_t fit_t(z),  fit_t(z) = -||y - A D(z, sigma_t)||^2 / (2 c_t^2),
+          c_t^2 = sigma_y^2 + kappa sigma_t^2,  G_T = 1,  increment log G_s(z_s) - log G_t(z_t),
+      and no increment at the last step. beta_s is chosen per step (adaptive tempering,
+      ``smc_cloud.steering_exponent``): the largest b in [0, steer_max] whose increment
+      b fit_s(z_s) - log G_t(z_t) keeps the conditional ESS (sum W inc)^2 / sum W inc^2 (W the
+      current normalised weights; Zhou, Johansen & Aston 2016) >= steer_ess; the usual ESS
+      rule then resamples only when the weights have drifted below ess_threshold * N. The
+      cloud thus takes in at most a bounded amount of data-fit information per step, and
+      mostly where the fit differs between particles (low noise), so it keeps many
+      lineages. What is exact: steer_max = 0 (or N = 1) gives N independent DDS chains, bit
+      for bit DDS with the same noise; with no resampling the final log weights equal
+      beta_1 fit_1(z_1) up to a constant (the potentials telescope); the target of the
+      weighted cloud is (law of the DDS chain) x G_1, which is not p(x | y) (DDS's kernel is
+      not the model's). The ensemble's spread is that of steered DDS chains, an uncertainty
+      heuristic to be calibrated (``diffrecon.calibration``), not a posterior std. Runs in
+      y's dtype like DDS (weights in float64); the other proposals run in float64.
+
 Physics: a LinearPhysics shared by all measurements that broadcasts over the particle batch
 (y[b:b+1] against (n, ...) rows); per-measurement physics: call ``solve`` per measurement.
 """
@@ -86,11 +110,12 @@ from .common import (
     operator_gain,
     systematic_resample,
 )
+from .dds import DDSOptions, check_convention
 from .reconstruction import Reconstruction
 from .smc_cloud import Cloud, Measurement, State
 from .smc_spread import LOCAL, ParticleGroup
 
-PROPOSALS = ("gaussian", "twisted", "bootstrap")
+PROPOSALS = ("gaussian", "twisted", "bootstrap", "dds")
 KERNEL_VARIANCES = ("auto", "ddim", "analytic")
 POTENTIAL_SCHEDULES = ("auto", "constant", "tempered")
 POTENTIAL_COVARIANCES = ("isotropic", "operator")
@@ -100,11 +125,17 @@ POTENTIAL_COVARIANCES = ("isotropic", "operator")
 class SMCOptions:
     """SMC options (reference values in comments).
 
-    num_particles: N per measurement. proposal: "gaussian" | "twisted" | "bootstrap" (module
-    docstring). kappa: potential inflation c_t^2 = sigma_y^2 + kappa sigma_t^2 (> 0 when
-    sigma_y = 0). eta: DDIM eta of the prior kernel (1 = DDPM ancestral). ess_threshold:
-    resample when ESS < ess_threshold * N. cg_iters: CG iterations per S-solve (exactness
-    needs convergence: about d_y for a small matrix, more for ill-conditioned images).
+    num_particles: N per measurement. proposal: "gaussian" | "twisted" | "bootstrap" | "dds"
+    (module docstring). kappa: potential inflation c_t^2 = sigma_y^2 + kappa sigma_t^2 (> 0
+    when sigma_y = 0). eta: DDIM eta of the prior kernel (1 = DDPM ancestral) in the
+    ``noise_convention`` ("ddim" | "reference", as DDS's); None: 1.0 and "ddim", or DDS's
+    defaults (0.85, "reference") for "dds". ess_threshold: resample when ESS <
+    ess_threshold * N. cg_iters: CG iterations per S-solve (exactness needs convergence:
+    about d_y for a small matrix, more for ill-conditioned images); for "dds" DDS's
+    iterations M of its data-consistency step; None: 50, or DDS's 5 for "dds". gamma: DDS's
+    data weight ("dds" only; ``DDSOptions``). steer_ess, steer_max ("dds" only): the
+    conditional ESS each step's exponent keeps and the exponent's cap (module docstring;
+    steer_max = 0: independent DDS chains).
     krylov: False solves S with dense matrices (d, d_y <= 4096; for verification).
     chunk_size: particle rows per denoiser / operator / CG call. batch_size: unused by SMC
     (one measurement's cloud at a time, chunked by chunk_size); kept for the common contract.
@@ -129,9 +160,13 @@ class SMCOptions:
     potential_covariance: str = "isotropic"  # MCGdiff: "isotropic"
     kernel_variance: str = "auto"   # references: "ddim"
     potential_schedule: str = "auto"  # MCGdiff: "constant"
-    eta: float = 1.0                # reference protocol: 0.85
+    eta: float | None = None        # None: 1.0 (DDS's 0.85 for "dds"); reference protocol: 0.85
+    noise_convention: str | None = None  # None: "ddim" ("reference" for "dds")
     ess_threshold: float = 0.5      # standard N/2 rule
-    cg_iters: int = 50
+    cg_iters: int | None = None     # None: 50 (DDS's M = 5 for "dds")
+    gamma: float | str = "auto"     # "dds": DDS's data weight
+    steer_ess: float = 0.9          # "dds": conditional ESS kept per step
+    steer_max: float = 1.0          # "dds": cap of the exponent beta_t
     krylov: bool = True
     chunk_size: int = 256
     schedule: str = "karras"
@@ -150,6 +185,15 @@ class SMCOptions:
         if self.potential_covariance not in POTENTIAL_COVARIANCES:
             raise ValueError(f"smc: option potential_covariance={self.potential_covariance!r} "
                              f"is not one of {', '.join(POTENTIAL_COVARIANCES)}.")
+        if self.noise_convention is not None:
+            check_convention("smc", self.noise_convention)
+        if isinstance(self.gamma, str) and self.gamma != "auto":
+            raise ValueError(f"smc: option gamma={self.gamma!r} must be a number or 'auto'.")
+        if not 0.0 <= self.steer_ess <= 1.0:
+            raise ValueError(f"smc: option steer_ess={self.steer_ess!r} must be in [0, 1].")
+        if not 0.0 <= self.steer_max < math.inf:
+            raise ValueError(f"smc: option steer_max={self.steer_max!r} must be a finite "
+                             f"number >= 0.")
         if self.potential_covariance == "operator" and self.proposal != "gaussian":
             raise ValueError("smc: option potential_covariance='operator' needs "
                              "proposal='gaussian'.")
@@ -159,12 +203,24 @@ class SMCOptions:
         if self.potential_schedule not in POTENTIAL_SCHEDULES:
             raise ValueError(f"smc: option potential_schedule={self.potential_schedule!r} is "
                              f"not one of {', '.join(POTENTIAL_SCHEDULES)}.")
-        if self.steps < 1 or self.num_particles < 1 or self.chunk_size < 1 or self.cg_iters < 1:
+        if self.steps < 1 or self.num_particles < 1 or self.chunk_size < 1 or \
+                self.setting("cg_iters") < 1:
             raise ValueError("smc: options steps, num_particles, chunk_size and cg_iters must "
                              "be >= 1.")
-        if not 0.0 <= self.ess_threshold <= 1.0 or self.kappa < 0 or not 0.0 <= self.eta <= 1:
+        if not 0.0 <= self.ess_threshold <= 1.0 or self.kappa < 0 or \
+                not 0.0 <= self.setting("eta") <= 1:
             raise ValueError("smc: options need 0 <= ess_threshold <= 1, kappa >= 0 and "
                              "0 <= eta <= 1.")
+
+    def setting(self, name: str):
+        """eta, cg_iters or noise_convention: the option's value, or for None the proposal's
+        default (DDSOptions' for "dds": one source for DDS's defaults)."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        if self.proposal == "dds":
+            return getattr(DDSOptions, name)
+        return {"eta": 1.0, "cg_iters": 50, "noise_convention": "ddim"}[name]
 
 
 class SMCSolver(Solver):
@@ -172,13 +228,16 @@ class SMCSolver(Solver):
     needs a LinearPhysics. Returns weighted particles plus ``num_samples`` equally weighted
     draws by systematic resampling of the final cloud (with replacement if num_samples > N,
     so they are then not independent; they depend on num_samples, the cloud does not).
-    Runs in float64 (measurement-space CG at c_s ~ sigma_min needs it); results come back
-    in y's dtype."""
+    Runs in float64 (measurement-space CG at c_s ~ sigma_min needs it), the "dds" proposal
+    in y's dtype like DDS; results come back in y's dtype."""
 
     name = "smc"
     Options = SMCOptions
     requires_linear = True
-    working_dtype = torch.float64
+
+    @property
+    def working_dtype(self) -> torch.dtype | None:  # type: ignore[override]
+        return None if self.options.proposal == "dds" else torch.float64
     group: ParticleGroup | None = None  # spread_over: particles over processes
 
     def _check(self, physics, prior) -> None:
@@ -205,7 +264,7 @@ class SMCSolver(Solver):
                                potential_schedule="constant" if data_var is None else "tempered")
         for b in range(y.shape[0]):
             with torch.no_grad():
-                meas = Measurement(ctx.physics, y[b:b + 1], o.krylov, o.cg_iters,
+                meas = Measurement(ctx.physics, y[b:b + 1], o.krylov, o.setting("cg_iters"),
                                    ctx.signal_shape)
             yield y[b:b + 1], Cloud(
                 meas, ctx.prior, o, sigmas, ctx.sigma_y, o.kappa * gain, x0_var, data_var,
@@ -249,10 +308,10 @@ class SMCSolver(Solver):
                     cloud.report(i=i, sigma=sigmas[i], x=z, log_weights=log_w,
                                  denoised=x0 if group.world == 1 else state.x0[anc])
                 if i == steps - 1:                     # exact final step, any proposal
-                    z, log_num = cloud.final_step(i, x0)
+                    z, log_num = cloud.final_step(i, x0, log_g)
                     increment, z = group.gather((log_num - log_g).double(), z)
                 else:
-                    z, state, log_num = cloud.propose(i, x0, eps, grad)
+                    z, state, log_num = cloud.propose(i, x0, eps, grad, log_g, log_w)
                     increment, z, *whole = group.gather((log_num - log_g).double(), z, *state)
                     state = State(*whole)
                 log_w = log_w + increment

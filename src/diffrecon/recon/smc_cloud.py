@@ -7,17 +7,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .common import bdot, cg, ddim_fresh_fraction, ddim_kernel_variance
+from .common import bdot, cg, ddim_kernel_variance, renoise
+from .dds import data_consistency, fresh_fraction
 
 _LOG_2PI = math.log(2 * math.pi)
 _CG_TOL = 1e-13      # relative residual at which a CG row is frozen
 DENSE_MAX = 4096     # largest signal / measurement size of the dense path
+STEER_GRID = 97      # steering exponents tried per step: steer_max * 10^(-k / 8), k < 96, and 0
+STEER_ITERS = 30     # bisection steps between the two grid points that bracket the answer
 
 
 def chunked(fn: Callable[..., tuple[Tensor, ...]], size: int, *rows: Tensor
@@ -26,6 +29,37 @@ def chunked(fn: Callable[..., tuple[Tensor, ...]], size: int, *rows: Tensor
     n = rows[0].shape[0]
     outs = [fn(*(r[i:i + size] for r in rows)) for i in range(0, n, size)]
     return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+
+
+def conditional_ess(log_w: Tensor, log_inc: Tensor) -> Tensor:
+    """Conditional ESS fraction (Zhou, Johansen & Aston 2016) of increments ``log_inc``
+    (..., N) under the weights ``log_w`` (N,): (sum W inc)^2 / sum W inc^2, W = normalised
+    exp(log_w); in (0, 1], 1 when the increment is constant. Float64, log space."""
+    lw = log_w.double() - torch.logsumexp(log_w.double(), 0)
+    li = log_inc.double()
+    return torch.exp(2 * torch.logsumexp(lw + li, -1) - torch.logsumexp(lw + 2 * li, -1))
+
+
+def steering_exponent(log_w: Tensor, log_g: Tensor, fit: Tensor, target: float, high: float
+                      ) -> Tensor:
+    """Adaptive exponent b of the "dds" proposal's potential log G_s = b fit (``smc``
+    docstring): the largest b in [0, high] whose increment b fit - log_g (log_g = log G_t of
+    the same particles) keeps ``conditional_ess`` >= target, or, when no b does, the b with
+    the largest conditional ESS. A grid high * 10^(-k / 8) (k < STEER_GRID - 1) and 0 finds
+    the bracket, STEER_ITERS bisection steps refine it (scalar float64 tensor, no host sync;
+    the feasible set need not be an interval: the largest feasible grid point is kept)."""
+    fit, log_g = fit.double(), log_g.double()
+    k = torch.arange(STEER_GRID - 1, dtype=torch.float64, device=fit.device)
+    grid = torch.cat([high * 10.0 ** (-k / 8), torch.zeros_like(k[:1])])      # decreasing
+    cess = conditional_ess(log_w, grid[:, None] * fit - log_g)
+    ok = cess >= target
+    first = torch.argmax(ok.to(torch.uint8))                 # largest feasible grid point
+    lo, hi = grid[first], grid[(first - 1).clamp(min=0)]
+    for _ in range(STEER_ITERS):                             # keeps cess(lo) >= target
+        mid = 0.5 * (lo + hi)
+        good = conditional_ess(log_w, mid * fit - log_g) >= target
+        lo, hi = torch.where(good, mid, lo), torch.where(good, hi, mid)
+    return torch.where(ok.any(), lo, grid[torch.argmax(cess)])
 
 
 class Measurement:
@@ -149,9 +183,26 @@ class Cloud:
             return sigma_y ** 2 + kappa * sigma ** 2 * (1 + sigma ** 2 / data_var), None
         return sigma_y ** 2 + kappa * sigma ** 2, None
 
+    @cached_property
+    def consistency(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """DDS's data-consistency step (x0_hat, sigma) -> x0' for this measurement, with the
+        options' gamma and cg_iters ("dds" proposal; ``dds.data_consistency``)."""
+        o = self.options
+        with torch.no_grad():
+            return data_consistency(self.meas.physics, self.meas.y, self.sigma_y,
+                                    float(getattr(self.prior, "sigma_data", 0.5)), o.gamma,
+                                    o.setting("cg_iters"), "smc")
+
+    def fit(self, x0: Tensor, sigma: Tensor) -> Tensor:
+        """-||y - A x0||^2 / (2 c^2) per row (float64), c^2 of the isotropic potential at
+        sigma: the untempered "dds" potential of particles whose denoised estimate is x0."""
+        c2, _ = self.potential(sigma)
+        return chunked(lambda x: (-0.5 * bdot(*(2 * [(self.meas.y - self.meas.A(x)).double()]))
+                                  / c2,), self.options.chunk_size, x0)[0]
+
     def evaluate(self, z: Tensor, sigma: Tensor) -> State:
         """x0_hat, eps_hat, log G and (twisted) grad log G at (z, sigma), in chunks of
-        ``chunk_size`` particles."""
+        ``chunk_size`` particles ("dds": log G = 0 here; ``propose`` sets it)."""
         proposal, (c2, k) = self.options.proposal, self.potential(sigma)
         parts = []
         for zc in z.split(self.options.chunk_size):
@@ -165,17 +216,22 @@ class Cloud:
                 x0, lg = x0.detach(), lg.detach()
             else:
                 x0 = self.prior.denoise(zc, sig)
-                lg = self.meas.log_gauss(zc if proposal == "gaussian" else x0, c2, k)
+                lg = torch.zeros(zc.shape[0], dtype=torch.float64, device=zc.device) \
+                    if proposal == "dds" else \
+                    self.meas.log_gauss(zc if proposal == "gaussian" else x0, c2, k)
                 grad = torch.zeros_like(zc[:, :0])
             parts.append((x0, (zc - x0) / sigma, lg, grad))
         return State(*(torch.cat(p) for p in zip(*parts, strict=True)))
 
-    def propose(self, i: int, x0: Tensor, eps: Tensor, grad: Tensor
-                ) -> tuple[Tensor, State, Tensor]:
+    def propose(self, i: int, x0: Tensor, eps: Tensor, grad: Tensor, log_g: Tensor,
+                log_w: Tensor) -> tuple[Tensor, State, Tensor]:
         """Step sigmas[i] -> sigmas[i + 1] (not the last): the new particles, their state and
-        the numerator log p(z_s | z_t) + log G_s(z_s) - log r(z_s | z_t) of the increment."""
+        the numerator log p(z_s | z_t) + log G_s(z_s) - log r(z_s | z_t) of the increment.
+        log_g: log G_t of these rows; log_w: the whole cloud's weights ("dds" only)."""
         o, t, s = self.options, self.sigmas[i], self.sigmas[i + 1]
-        f = ddim_fresh_fraction(o.eta, t, s)
+        f = fresh_fraction(o.setting("eta"), o.setting("noise_convention"), t, s)
+        if o.proposal == "dds":
+            return self.dds_step(t, s, f, x0, eps, log_g, log_w)
         m = x0 + (1 - f).sqrt() * s * eps
         v = ddim_kernel_variance(t, s, f, 0.0 if self.x0_var is None else self.x0_var[i])
         xi = self.randn(*self.shape)
@@ -195,10 +251,28 @@ class Cloud:
         state = self.evaluate(z, s)
         return z, state, log_pr + state.log_g
 
-    def final_step(self, i: int, x0: Tensor) -> tuple[Tensor, Tensor]:
-        """The exact last step (any proposal) from N(x0_hat, Var[x0 | z_1]) to G_0 = N(y; A x,
-        sigma_y^2 I): the samples and the log numerator of their increment."""
+    def dds_step(self, t: Tensor, s: Tensor, f: Tensor, x0: Tensor, eps: Tensor,
+                 log_g: Tensor, log_w: Tensor) -> tuple[Tensor, State, Tensor]:
+        """The "dds" proposal t -> s (``smc`` docstring): DDS's data consistency from x0_hat,
+        its renoising with eps_hat, then the adaptive exponent of the new potential (over the
+        whole cloud: a spread cloud gathers fit and log G first)."""
+        x = chunked(lambda a: (self.consistency(a, t),), self.options.chunk_size, x0)[0]
+        z = renoise(x, eps, s, f, self.randn(*self.shape))
+        state = self.evaluate(z, s)
+        fit = self.fit(state.x0, s)
+        whole = (fit, log_g) if self.group is None else self.group.gather(fit, log_g.double())
+        beta = steering_exponent(log_w, whole[1], whole[0], self.options.steer_ess,
+                                 self.options.steer_max)
+        return z, state._replace(log_g=beta * fit), beta * fit
+
+    def final_step(self, i: int, x0: Tensor, log_g: Tensor) -> tuple[Tensor, Tensor]:
+        """The exact last step (any proposal but "dds") from N(x0_hat, Var[x0 | z_1]) to G_0 =
+        N(y; A x, sigma_y^2 I): the samples and the log numerator of their increment. "dds":
+        DDS's last step x0' = consistency(x0_hat, sigma_1), weights kept (numerator log_g)."""
         t = self.sigmas[i]
+        if self.options.proposal == "dds":
+            return chunked(lambda a: (self.consistency(a, t),), self.options.chunk_size,
+                           x0)[0], log_g
         v = t ** 2 if self.x0_var is None else self.x0_var[i]   # Var[x0 | z_1]
         c2 = torch.full_like(t, self.sigma_y ** 2)
         return chunked(partial(self.meas.gaussian_step, v=v, c2=c2), self.options.chunk_size,
