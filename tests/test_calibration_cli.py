@@ -261,3 +261,41 @@ def test_view_names_scan_slices_and_reads_only_those(tmp_path, monkeypatch):
     part = io.read_result(res, [2])
     assert part.reconstruction.shape == (1, 16, 16) and list(part.intervals) == [0.9]
     np.testing.assert_array_equal(part.intervals[0.9][1], (rec[2:] + 0.2).astype(np.float32))
+
+
+def test_random_masks_of_one_nominal_acceleration_are_one_task(tmp_path):
+    """fastMRI-style files each draw their own random mask: the task is the files' nominal
+    acceleration (their 'acceleration' attribute), not each mask's sampled fraction, so
+    scans with different masks calibrate together and a new scan runs with the file; the
+    evaluated coverage counts the calibration's foreground pixels."""
+    import h5py
+
+    cal, res = tmp_path / "cal", tmp_path / "res"
+    cal.mkdir()
+    res.mkdir()
+    realised = set()
+    for seed in range(3):
+        simulate_mri(cal / f"s{seed}.h5", size=24, slices=2, coils=2, acceleration=4,
+                     seed=seed, noise=0.01, with_coil_maps=True)
+        with h5py.File(cal / f"s{seed}.h5") as f:
+            realised.add(round(f["mask"].size / f["mask"][()].sum(), 4))
+    assert len(realised) > 1  # the masks differ (24 lines: 3.43x, 4.0x, ...)
+    ok("run", cal, "-o", res, "--solver", "zero-filled", "--quiet")
+    out = tmp_path / "c.json"
+    ok("calibrate", cal, res, "-o", out, "--levels", "0.8", "--foreground", "0.05")
+    calib = C.Calibration.load(out)
+    assert calib.task["acceleration"] == 4.0 and calib.n_units == 6
+    test = tmp_path / "t.h5"
+    simulate_mri(test, size=24, slices=2, coils=2, acceleration=4, seed=7, noise=0.01,
+                 with_coil_maps=True)
+    recon = tmp_path / "t_recon.h5"
+    ok("run", test, "-o", recon, "--solver", "zero-filled", "--quiet", "--calibration", out)
+    r = read_result(recon)
+    assert r.attrs["calibration_foreground"] == 0.05 and list(r.intervals) == [0.8]
+    m = evaluate_file(recon, test)["coverage"]["0.8"]
+    ref = load_reference(test)[0]
+    lo, hi = r.intervals[0.8]
+    want = coverage_report(ref, lo, hi, mask=C.foreground(ref, 0.05))
+    assert m["foreground"] == 0.05
+    assert m["coverage_per_slice"] == want["coverage_per_slice"]
+    assert m["coverage"] != coverage_report(ref, lo, hi)["coverage"]

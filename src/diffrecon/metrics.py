@@ -218,8 +218,10 @@ def evaluate_file(result, reference, reference_kind: str = "auto") -> dict[str, 
     the data range is the maximum of the whole reference volume (fastMRI); a larger
     reconstruction is centre-cropped to the reference (fastMRI). Returns ``{"psnr", "ssim",
     "nmse", "per_slice", "volume", "data_range", "reference", ...}`` and, when the result
-    holds calibrated intervals, ``"coverage"``: {level: :func:`coverage_report` (all
-    pixels) with ``nominal`` added, and ``rmse_bound_held``, the fraction of slices whose
+    holds calibrated intervals, ``"coverage"``: {level: :func:`coverage_report` (over the
+    pixels the calibration counted: above its ``foreground`` fraction of each slice's
+    reference maximum, else all) with ``nominal`` and ``foreground`` added, and
+    ``rmse_bound_held``, the fraction of slices whose
     RMSE is within the calibrated bound the result records (same grid only)}.
     """
     p = paired_result(result, reference, reference_kind)
@@ -231,8 +233,15 @@ def evaluate_file(result, reference, reference_kind: str = "auto") -> dict[str, 
         for s, idx in zip(out["per_slice"], slices, strict=True):
             s["slice"] = idx
     if p["intervals"]:
+        from diffrecon.calibration import foreground
+
+        fg = res.attrs.get("calibration_foreground")
+        mask = None if fg is None else foreground(gt, float(fg))
+        if mask is not None and not mask.reshape(len(gt), -1).any(axis=1).all():
+            mask = None  # a slice without foreground: count every pixel
         out["coverage"] = {
-            repr(lv): {"nominal": lv, **coverage_report(gt, lo, hi, pred, p["std"])}
+            repr(lv): {"nominal": lv, "foreground": None if mask is None else float(fg),
+                       **coverage_report(gt, lo, hi, pred, p["std"], mask=mask)}
             for lv, (lo, hi) in sorted(p["intervals"].items())}
         bound = np.atleast_2d(np.asarray(res.attrs.get("calibration_rmse_bound", []), float))
         levels = np.ravel(res.attrs.get("calibration_levels", []))

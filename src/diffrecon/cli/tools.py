@@ -198,7 +198,9 @@ def evaluate(
         ratio = "n/a" if c.get("std_rmse") is None else f"{c['std_rmse']:.3f}"
         held = "" if "rmse_bound_held" not in c else \
             f"  RMSE bound holds on {c['rmse_bound_held']:.0%} of slices"
-        typer.echo(f"  {c['nominal']:g} interval: coverage {c['coverage']:.4f}  width "
+        where = "" if c.get("foreground") is None else \
+            f" (pixels above {c['foreground']:g} x slice max)"
+        typer.echo(f"  {c['nominal']:g} interval: coverage {c['coverage']:.4f}{where}  width "
                    f"{c['width']:.4g} ({c['relative_width']:.3g} of the range)  "
                    f"std/RMSE {ratio}{held}")
 

@@ -6,7 +6,8 @@ scans exchangeable with the calibration scans, reconstructed the same way) is th
 
     modality, solver, option.<name> (every solver option but batch_size, steps included),
     prior, prior_label, prior_sha256, samples, and the acquisition:
-    MRI acceleration (of the file's mask or the retrospective one, 4 decimals), mask_type
+    MRI acceleration (the scan's nominal ``acceleration`` attribute, else its mask's sampled
+    fraction^-1, or the retrospective mask's; 4 decimals), mask_type
     and center_fraction (retrospective masks; None for a file's own mask); CT views;
     image operator.
 
@@ -38,6 +39,18 @@ def _acceleration(value) -> float | None:
     return None if value is None else round(float(value), 4)
 
 
+def _nominal(value) -> float | None:
+    """A scan's ``acceleration`` attribute (fastMRI test files, ``diffrecon simulate``) as
+    a number > 1, else None. Random and equispaced masks are drawn per file, so the sampled
+    fraction of one file (3.7x-5.3x for a 48-line 4x mask) is not the task: the nominal
+    acceleration is."""
+    try:
+        v = float(np.asarray(value).item())
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) and v >= 1 else None
+
+
 def run_task(modality: str, settings: Mapping[str, Any], acquisition: Mapping[str, Any],
              prior_sha256: str | None = None) -> dict[str, Any]:
     """The task key (module docstring) of a run with ``settings`` (``Plan.settings`` or a
@@ -57,8 +70,8 @@ def run_task(modality: str, settings: Mapping[str, Any], acquisition: Mapping[st
 
 def scan_acquisition(path, modality: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The acquisition part of the task key from a scan file, reading no bulk data: the
-    MRI mask (or the retrospective mask's settings), the CT angles' length, the image
-    operator attribute."""
+    MRI nominal acceleration (:func:`_nominal`; without it the mask's), or the retrospective
+    mask's settings, the CT angles' length, the image operator attribute."""
     from diffrecon.datasets.safe_open import open_h5_checked
 
     with open_h5_checked(path) as f:
@@ -68,7 +81,9 @@ def scan_acquisition(path, modality: str, settings: Mapping[str, Any]) -> dict[s
                         "mask_type": settings.get("mask_type") or "random",
                         "center_fraction": float(settings["center_fraction"])}
             mask = np.asarray(f["mask"][()]) if "mask" in f else None
-            acc = None if mask is None else mask.size / max(int(mask.sum()), 1)
+            acc = None if mask is None else _nominal(f.attrs.get("acceleration"))
+            if mask is not None and acc is None:
+                acc = mask.size / max(int(mask.sum()), 1)
             return {"acceleration": _acceleration(acc), "mask_type": None,
                     "center_fraction": None}
         if modality == "ct":
@@ -90,15 +105,17 @@ def result_acquisition(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return {"operator": attrs.get("operator")}
 
 
-def result_task(attrs: Mapping[str, Any], where: str = "result") -> dict[str, Any]:
+def result_task(attrs: Mapping[str, Any], where: str = "result", scan=None) -> dict[str, Any]:
     """The task key of a result file from its attributes (``InputError`` when it lacks the
-    provenance ``diffrecon run`` writes)."""
+    provenance ``diffrecon run`` writes); with ``scan`` (the file it was reconstructed
+    from) the acquisition is read from the scan as ``run --calibration`` reads it."""
     settings = attrs.get("settings")
     if not isinstance(settings, dict) or "modality" not in attrs:
         raise InputError(f"{where}: no run provenance (attributes 'settings', 'modality'); "
                          f"expected a result written by `diffrecon run`")
-    return run_task(attrs["modality"], settings, result_acquisition(attrs),
-                    str(attrs.get("prior_sha256", "none")))
+    acq = (result_acquisition(attrs) if scan is None
+           else scan_acquisition(scan, attrs["modality"], settings))
+    return run_task(attrs["modality"], settings, acq, str(attrs.get("prior_sha256", "none")))
 
 
 def load_for_run(path) -> C.Calibration:
@@ -148,9 +165,10 @@ def intervals(calib: C.Calibration | None, mean: np.ndarray, std: np.ndarray
 
 def provenance(calib: C.Calibration, path, mean: np.ndarray, std: np.ndarray
                ) -> dict[str, Any]:
-    """What a result records of the calibration it used, and the calibrated per-slice RMSE
-    bounds ``calibration_rmse_bound`` (levels, slices) of its float32 mean and std (scan
-    units, the result's grid)."""
+    """What a result records of the calibration it used (with ``calibration_foreground``, the
+    pixels its coverage counts, when it has one), and the calibrated per-slice RMSE bounds
+    ``calibration_rmse_bound`` (levels, slices) of its float32 mean and std (scan units, the
+    result's grid)."""
     from diffrecon.datasets.io import sha256_file
 
     bounds = calib.rmse_bounds(np.asarray(mean, dtype=np.float32),
@@ -160,7 +178,9 @@ def provenance(calib: C.Calibration, path, mean: np.ndarray, std: np.ndarray
             "calibration_levels": np.asarray(calib.levels, dtype=np.float64),
             "calibration_scales": np.asarray([calib.scales[lv] for lv in calib.levels]),
             "calibration_floor": calib.floor,
-            "calibration_rmse_bound": np.stack([bounds[lv] for lv in calib.levels])}
+            "calibration_rmse_bound": np.stack([bounds[lv] for lv in calib.levels]),
+            **({} if calib.foreground is None
+               else {"calibration_foreground": float(calib.foreground)})}
 
 
 # ------------------------------------------------------------------------------ calibrate
@@ -202,7 +222,8 @@ def calibrate_results(paths: Sequence[str | os.PathLike], levels: Sequence[float
     references (``paths``: files or directories with both; a result is paired with the scan
     named by its ``input`` attribute, checked by checksum).
 
-    The results must share one task (:func:`result_task`), which the calibration records.
+    The results must share one task (:func:`result_task` with the acquisition read from
+    each paired scan, as ``run --calibration`` reads it), which the calibration records.
     Reads ``reconstruction`` and ``std`` (the std the run writes; draws are not used) and
     the reference as ``diffrecon evaluate`` does (MRI ``reconstruction_rss`` or
     ``|ground_truth_complex|``, CT ``ground_truth``, images ``image``; a larger
@@ -225,14 +246,7 @@ def calibrate_results(paths: Sequence[str | os.PathLike], levels: Sequence[float
     task, first, refs, means, stds, n_slices = None, None, [], [], [], 0
     for r in results:
         res = read_result(r)
-        t = result_task(res.attrs, str(r))
-        if task is None:
-            task, first = t, r
-        else:
-            key = first_difference(task, t)
-            if key is not None:
-                raise InputError(f"{r}: {key}={t.get(key)!r} but {first} has "
-                                 f"{key}={task.get(key)!r}; calibrate one task at a time")
+        result_task(res.attrs, str(r))  # its provenance, before the scan is looked up
         name = str(res.attrs.get("input", ""))
         scan = scans.get(name)
         if scan is None:
@@ -241,6 +255,14 @@ def calibrate_results(paths: Sequence[str | os.PathLike], levels: Sequence[float
         if sha256_file(scan) != res.attrs.get("input_sha256"):
             raise InputError(f"{r}: scan {scan} is not the file it was reconstructed from "
                              f"(checksum differs)")
+        t = result_task(res.attrs, str(r), scan)
+        if task is None:
+            task, first = t, r
+        else:
+            key = first_difference(task, t)
+            if key is not None:
+                raise InputError(f"{r}: {key}={t.get(key)!r} but {first} has "
+                                 f"{key}={task.get(key)!r}; calibrate one task at a time")
         p = paired_result(res, scan, reference_kind)
         refs.append(p["reference"])
         means.append(p["mean"])
