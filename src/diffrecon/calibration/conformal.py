@@ -30,11 +30,29 @@ def posterior_std(mean, std_or_samples) -> np.ndarray:
                      f"(slices, n_samples, ...) draws")
 
 
-def spread(mean, std, floor: float) -> np.ndarray:
-    """``u = std + floor * max|mean|`` (max per slice over all other axes), float64."""
+def pooled_std(std, smooth: float = 0.0) -> np.ndarray:
+    """``sqrt(G_smooth * std^2)``: the variance averaged over a Gaussian window of std
+    ``smooth`` pixels on the last two axes (edges: nearest; 0: ``std`` itself), float64.
+    A std from K draws has K - 1 degrees of freedom per pixel; pooling neighbours steadies
+    it where the error's scale varies slowly (2 draws: 1 degree of freedom, whose small
+    values would otherwise set the multiplier)."""
+    std = np.asarray(std, dtype=np.float64)
+    if not (smooth >= 0 and math.isfinite(smooth)):
+        raise ValueError(f"smooth must be a finite number >= 0, got {smooth!r}")
+    if smooth == 0 or std.ndim < 2:
+        return std
+    from scipy.ndimage import gaussian_filter
+
+    sigma = (0.0,) * (std.ndim - 2) + (float(smooth),) * 2
+    return np.sqrt(gaussian_filter(std ** 2, sigma, mode="nearest"))
+
+
+def spread(mean, std, floor: float, smooth: float = 0.0) -> np.ndarray:
+    """``u = pooled_std(std, smooth) + floor * max|mean|`` (max per slice over all other
+    axes), float64."""
     mean = np.asarray(mean, dtype=np.float64)
     peak = np.abs(mean).reshape(mean.shape[0], -1).max(axis=1)
-    return np.asarray(std, dtype=np.float64) + floor * peak.reshape((-1,) + (1,) * (mean.ndim - 1))
+    return pooled_std(std, smooth) + floor * peak.reshape((-1,) + (1,) * (mean.ndim - 1))
 
 
 def scores(reference, mean, u) -> np.ndarray:

@@ -34,7 +34,7 @@ def _scans(x) -> list[np.ndarray]:
 
 def calibrate(references, means, stds_or_samples, levels: Sequence[float] = LEVELS, *,
               unit: str = "slice", foreground: float | None = None, floor: float = 1e-3,
-              task: Mapping[str, Any] | None = None, created: str | None = None
+              smooth: float = 0.0, task: Mapping[str, Any] | None = None, created: str | None = None
               ) -> Calibration:
     """Calibrate interval multipliers on scans with known references.
 
@@ -43,6 +43,7 @@ def calibrate(references, means, stds_or_samples, levels: Sequence[float] = LEVE
     with each std of its mean's shape or draws (slices, n_samples, ...). ``unit`` 'slice' or
     'scan' (the exchangeable unit; 'scan' counts each array of the sequences as one unit).
     ``foreground``: count only pixels above this fraction of each slice's reference maximum.
+    ``floor``, ``smooth`` (pixels): the spread ``u`` (:func:`~.conformal.spread`).
     ``task``: the key the calibration applies to (strings, numbers, booleans, None).
     Raises ``ValueError`` on inconsistent input or too few units for a level.
     """
@@ -50,6 +51,8 @@ def calibrate(references, means, stds_or_samples, levels: Sequence[float] = LEVE
         raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
     if not (floor >= 0 and math.isfinite(floor)):
         raise ValueError(f"floor must be a finite number >= 0, got {floor!r}")
+    if not (smooth >= 0 and math.isfinite(smooth)):
+        raise ValueError(f"smooth must be a finite number >= 0, got {smooth!r}")
     if foreground is not None and not 0 <= foreground < 1:
         raise ValueError(f"foreground must be in [0, 1), got {foreground!r}")
     levels = tuple(sorted({float(lv) for lv in levels}))
@@ -68,7 +71,7 @@ def calibrate(references, means, stds_or_samples, levels: Sequence[float] = LEVE
         std = posterior_std(mu, sd)
         if not (np.isfinite(ref).all() and np.isfinite(mu).all() and np.isfinite(std).all()):
             raise ValueError(f"scan {i}: reference, mean and std must be finite")
-        u = spread(mu, std, floor)
+        u = spread(mu, std, floor, smooth)
         mask = _mask(ref, foreground)
         if not mask.reshape(len(mask), -1).any(axis=1).all():
             raise ValueError(f"scan {i}: a slice has no pixel above the foreground fraction")
@@ -91,7 +94,8 @@ def calibrate(references, means, stds_or_samples, levels: Sequence[float] = LEVE
         raise ValueError(f"level {bad[0]:g}: infinite multiplier (the std is zero where the "
                          f"mean is wrong); use floor > 0")
     diagnostics = _diagnostics(reports, scales)
-    return Calibration(scales=scales, rmse_factors=rmse, floor=float(floor), unit=unit,
+    return Calibration(scales=scales, rmse_factors=rmse, floor=float(floor),
+                       smooth=float(smooth), unit=unit,
                        n_units=len(pixel_units), n_slices=sum(len(r) for r in refs),
                        foreground=foreground, task=dict(task or {}),
                        created=created or datetime.date.today().isoformat(),

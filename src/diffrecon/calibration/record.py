@@ -22,7 +22,8 @@ from .conformal import UNITS, posterior_std, spread
 FORMAT = "diffrecon-calibration"
 VERSION = 1
 METHOD = "conformal-risk-control"
-SCORE = "|reference - mean| / (std + floor * max|mean| of the slice)"
+SCORE = ("|reference - mean| / (sqrt(G_smooth * std^2) + floor * max|mean| of the slice); "
+         "G_smooth: Gaussian window of std 'smooth' pixels (0: none)")
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class Calibration:
     """Calibrated interval multipliers for one task (see ``diffrecon.calibration``).
 
     scales: level -> lam, interval ``mean +- lam * u``; rmse_factors: level -> q, bound
-    ``RMSE <= q * sqrt(mean u^2)`` per slice; floor: see :func:`spread`; unit, n_units,
+    ``RMSE <= q * sqrt(mean u^2)`` per slice; floor, smooth: see :func:`spread` (smooth 0
+    in files written before it existed); unit, n_units,
     n_slices: the exchangeable unit and the calibration set's size; foreground: the mask
     fraction used (None: all pixels); task: what it applies to (modality, solver, options,
     prior name and checksum, acceleration / views, ...); diagnostics: calibration-set
@@ -47,6 +49,7 @@ class Calibration:
     task: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    smooth: float = 0.0
     method: str = METHOD
     version: int = VERSION
 
@@ -58,7 +61,7 @@ class Calibration:
                   ) -> dict[float, tuple[np.ndarray, np.ndarray]]:
         """``{level: (lower, upper)}``, each of ``mean``'s shape and float dtype."""
         mean = np.asarray(mean)
-        u = spread(mean, posterior_std(mean, std_or_samples), self.floor)
+        u = spread(mean, posterior_std(mean, std_or_samples), self.floor, self.smooth)
         dtype = mean.dtype if mean.dtype.kind == "f" else np.float64
         out = {}
         for level in self.levels if levels is None else levels:
@@ -70,7 +73,7 @@ class Calibration:
                     ) -> dict[float, np.ndarray]:
         """``{level: (slices,) upper bounds on each slice's RMSE}`` in the mean's units."""
         mean = np.asarray(mean)
-        u = spread(mean, posterior_std(mean, std_or_samples), self.floor)
+        u = spread(mean, posterior_std(mean, std_or_samples), self.floor, self.smooth)
         rms = np.sqrt(np.mean(u.reshape(u.shape[0], -1) ** 2, axis=1))
         return {float(lv): self._get(self.rmse_factors, lv) * rms
                 for lv in (self.levels if levels is None else levels)}
@@ -93,7 +96,7 @@ class Calibration:
     # ------------------------------------------------------------------ file format
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": self.version, "method": self.method,
-                "score": SCORE, "floor": self.floor,
+                "score": SCORE, "floor": self.floor, "smooth": self.smooth,
                 "scales": {repr(k): v for k, v in sorted(self.scales.items())},
                 "rmse_factors": {repr(k): v for k, v in sorted(self.rmse_factors.items())},
                 "unit": self.unit, "n_units": self.n_units, "n_slices": self.n_slices,
@@ -191,5 +194,6 @@ class Calibration:
         if not isinstance(diag, dict):
             raise bad("diagnostics", "must be a mapping")
         return cls(scales=scales, rmse_factors=rmse, floor=number("floor", d.get("floor")),
+                   smooth=number("smooth", d.get("smooth", 0.0)),
                    unit=d["unit"], foreground=fg, task=task, created=created,
                    diagnostics=diag, **counts)

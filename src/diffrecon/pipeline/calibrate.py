@@ -177,7 +177,7 @@ def provenance(calib: C.Calibration, path, mean: np.ndarray, std: np.ndarray
             "calibration_method": calib.method, "calibration_unit": calib.unit,
             "calibration_levels": np.asarray(calib.levels, dtype=np.float64),
             "calibration_scales": np.asarray([calib.scales[lv] for lv in calib.levels]),
-            "calibration_floor": calib.floor,
+            "calibration_floor": calib.floor, "calibration_smooth": calib.smooth,
             "calibration_rmse_bound": np.stack([bounds[lv] for lv in calib.levels]),
             **({} if calib.foreground is None
                else {"calibration_foreground": float(calib.foreground)})}
@@ -217,7 +217,8 @@ def pair_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], dict[st
 
 def calibrate_results(paths: Sequence[str | os.PathLike], levels: Sequence[float] = C.LEVELS,
                       *, unit: str = "slice", foreground: float | None = None,
-                      floor: float = 1e-3, reference_kind: str = "auto") -> C.Calibration:
+                      floor: float = 1e-3, reference_kind: str = "auto", smooth: float = 0.0
+                      ) -> C.Calibration:
     """Calibrate on result files of ``diffrecon run`` and the scans holding their
     references (``paths``: files or directories with both; a result is paired with the scan
     named by its ``input`` attribute, checked by checksum).
@@ -275,7 +276,7 @@ def calibrate_results(paths: Sequence[str | os.PathLike], levels: Sequence[float
                              f"{unit}s, got {n_units}")
     try:
         return C.calibrate(refs, means, stds, levels, unit=unit, foreground=foreground,
-                           floor=floor, task=task)
+                           floor=floor, smooth=smooth, task=task)
     except ValueError as exc:
         raise InputError(f"calibrate: {exc}") from None
 
