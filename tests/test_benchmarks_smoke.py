@@ -17,6 +17,7 @@ from benchmarks import (
     gmm_dps_reddiff,
     gmm_smc,
     gmm_table,
+    smc_images,
     smc_mode_weights,
     speed,
     uncertainty,
@@ -110,6 +111,20 @@ def test_uncertainty_quick():
         assert math.isfinite(value(r["width ratio"]))
         if r["solver"] == "exact posterior":
             assert value(r["width ratio"]) == 1
+
+
+def test_smc_images_quick(tmp_path):
+    """48 px MRI 4x TEST slice, 5 steps: DDS rows and SMC dds rows with N = 4, 8."""
+    text = smc_images.main(["--quick", "--out", str(tmp_path)])
+    cols, rows = table_after(text, "## SMC dds proposal vs DDS")
+    assert cols == smc_images.COLUMNS
+    assert [r["method"] for r in rows] == ["dds, 1 draw", "dds, mean of 2 draws", "smc dds",
+                                           "smc dds"]
+    for r in rows:
+        assert 10 < value(r["PSNR"]) < 60 and 0 < value(r["SSIM"]) <= 1, r
+        if r["method"] == "smc dds":
+            n = int(r["N / draws"])
+            assert 1 <= value(r["lineages (min)"]) <= n and 0 < value(r["min ESS"]) <= n
 
 
 @pytest.mark.parametrize("module, needle", [
