@@ -1,6 +1,8 @@
 """The pieces of one SMC particle cloud (``smc.SMCSolver``): the measurement-space Gaussian
 solves (``Measurement``: S = c2 I + v A A^T, Matheron's rule) and the per-step kernel,
-potential and proposals of one measurement's run (``Cloud``). Formulas: ``smc`` docstring."""
+potential and proposals of one measurement's run (``Cloud``), and the adaptive exponent of
+the "dds" proposal's steering potential (``steering_exponent``). Formulas: ``smc``
+docstring."""
 
 from __future__ import annotations
 
@@ -197,8 +199,12 @@ class Cloud:
         """-||y - A x0||^2 / (2 c^2) per row (float64), c^2 of the isotropic potential at
         sigma: the untempered "dds" potential of particles whose denoised estimate is x0."""
         c2, _ = self.potential(sigma)
-        return chunked(lambda x: (-0.5 * bdot(*(2 * [(self.meas.y - self.meas.A(x)).double()]))
-                                  / c2,), self.options.chunk_size, x0)[0]
+
+        def rows(x):
+            r = (self.meas.y - self.meas.A(x)).double()
+            return (-0.5 * bdot(r, r) / c2,)
+
+        return chunked(rows, self.options.chunk_size, x0)[0]
 
     def evaluate(self, z: Tensor, sigma: Tensor) -> State:
         """x0_hat, eps_hat, log G and (twisted) grad log G at (z, sigma), in chunks of
