@@ -18,7 +18,9 @@ Rows per slice: DDS with ``--draws`` draws of ``--steps`` steps (seed 0): "1 dra
 first draw, "mean of K" the mean of all; SMC ``proposal=dds`` with N particles of
 ``--steps`` steps (seed 0), the weighted mean. Columns: PSNR, SSIM (mean over slices),
 final lineages (distinct time-0 ancestors, min over slices), min ESS over the steps, the
-number of resampling steps (mean) and wall time per slice. NFE per particle = steps for every row.
+number of resampling steps (mean), the coverage of mean +- 1.645 std and std / RMSE over
+foreground pixels (``spread``; the SMC std is the weighted particle std) and wall time per
+slice. NFE per particle = steps for every row.
 ``--quick``: one 48 px TEST slice, 5 steps, N = 4 and 8 (a smoke test; numbers meaningless).
 """
 
@@ -39,7 +41,7 @@ from benchmarks.common import markdown_table
 TASK = "mri-4x-rand-8c"
 VALIDATION = tuple(f"aniso_vox_{k}" for k in (10, 13, 16, 8, 12))
 COLUMNS = ["split", "slices", "method", "N / draws", "PSNR", "SSIM", "lineages (min)",
-           "min ESS", "resamplings", "wall s / slice"]
+           "min ESS", "resamplings", "coverage 90%", "std / RMSE", "wall s / slice"]
 
 
 def validation_slice(name: str, size: int) -> np.ndarray:
@@ -75,16 +77,29 @@ def scan_for(split: str, size: int, slices: int, out: Path, quick: bool) -> tupl
     return scan, truth
 
 
-def images(problem, recs) -> np.ndarray:
-    """(slices, H, W) magnitude images in scan units, as a result file stores them."""
+def images(problem, recs) -> tuple[np.ndarray, np.ndarray]:
+    """(slices, H, W) magnitude mean and std images in scan units, as a result file stores
+    them."""
     from diffrecon.pipeline.results import slice_result
 
-    out = []
+    means, stds = [], []
     for k, rec in enumerate(recs):
         support = problem.supports[k] if problem.supports else None
-        mean = slice_result(rec, problem.normalisers[k], False, support)["mean"]
-        out.append(problem.scan_image(mean)[0])
-    return np.stack(out)
+        r = slice_result(rec, problem.normalisers[k], False, support)
+        means.append(problem.scan_image(r["mean"])[0])
+        stds.append(problem.scan_image(r["std"], std=True)[0])
+    return np.stack(means), np.stack(stds)
+
+
+def spread(truth: Path, mean: np.ndarray, std: np.ndarray) -> dict:
+    """Coverage of mean +- 1.645 std (nominal 90% for a Gaussian) and std / RMSE over the
+    pixels above 5% of each slice's reference maximum (``metrics.coverage_report``)."""
+    from diffrecon.metrics import coverage_report
+
+    ref = np.load(truth)["reference"].astype(np.float64)
+    mask = ref > 0.05 * ref.reshape(len(ref), -1).max(1)[:, None, None]
+    rep = coverage_report(ref, mean - 1.645 * std, mean + 1.645 * std, mean, std, mask)
+    return {"coverage 90%": rep["coverage"], "std / RMSE": rep["std_rmse"]}
 
 
 def run(a) -> list[dict]:
@@ -116,13 +131,16 @@ def run(a) -> list[dict]:
         return recs, infos, (time.perf_counter() - t0) / n_slices
 
     def row(method, count, recs, infos, wall):
-        sc = score(images(problem, recs), truth)
+        mean, std = images(problem, recs)
+        sc = score(mean, truth)
         r = {"split": a.split if not a.quick else "test (quick)", "slices": label,
              "method": method, "N / draws": count,
              "PSNR": float(np.mean([s["psnr"] for s in sc])),
              "SSIM": float(np.mean([s["ssim"] for s in sc])),
              "lineages (min)": "—", "min ESS": "—", "resamplings": "—",
-             "wall s / slice": wall}
+             "wall s / slice": wall, "coverage 90%": "—", "std / RMSE": "—"}
+        if count > 1:
+            r.update(spread(truth, mean, std))
         if "lineages" in infos[0]:
             r.update({"lineages (min)": min(i["lineages"][0] for i in infos),
                       "min ESS": min(min(e[0] for e in i["ess"]) for i in infos),
