@@ -101,7 +101,8 @@ def _two_ranks(tmp_path: Path, options: dict) -> list:
 SPREAD_CASES = {
     "gaussian": dict(proposal="gaussian", cg_iters=6),
     "twisted": dict(proposal="twisted"),
-    "bootstrap": dict(proposal="bootstrap", potential_covariance="isotropic"),
+    "bootstrap": dict(proposal="bootstrap"),
+    "dds": dict(proposal="dds", steer_ess=0.5),  # in y's dtype (float32), gathers fit, log G
 }
 
 
