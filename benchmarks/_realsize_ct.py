@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import torch
 
-from benchmarks.common import REPO, SEED0, setup
+from benchmarks.common import REPO, SEED0, fmt, setup
 
 # ------------------------------------------------------------------------------ CT
 ELLIPSES = [  # (value, centre x, centre y, semi-axis a, semi-axis b, angle rad): fractions
@@ -161,3 +161,97 @@ def write_ct_file(path: Path, geometry: str, n: int, views: int) -> None:
         f["angles"] = p.angles.numpy().astype(np.float64)
         f["ground_truth"] = ellipse_image(n)[None].astype(np.float32)
         f.attrs.update(attrs)
+
+
+# ------------------------------------------------------------------------------ fast normal
+def ct_fast_step_rows(p, x: torch.Tensor, net: float, exact_step: float, steps: int,
+                      label: str, cpu) -> list[dict]:
+    """Rows of the per-step split with ``ct(normal="toeplitz")`` (``operators.ct_normal``):
+    the fast data-consistency step (5 CG iterations of I + gamma K and the initial residual,
+    6 FFT normal products, plus 1 / ``RESIDUAL_EVERY`` exact A for the residual diagnostic),
+    and the same with the per-solve extras spread over ``steps`` DDS steps: the kernel
+    spectrum (once per geometry), x_d (``DATA_REFINEMENTS`` + 1 FBP and as many A) and K x_d,
+    and the exact last step
+    (``exact_step``). ``cpu(fn, n)`` times a call in process CPU seconds."""
+    from diffrecon.operators import ct_normal
+    from diffrecon.recon.common import approximate_normal, cg
+    from diffrecon.recon.dds import RESIDUAL_EVERY
+
+    y = p.A(x)
+    gamma = 0.3 ** 2 / 0.01 ** 2
+
+    def build():
+        ct_normal._CACHE.clear()
+        p.__dict__.pop("_toeplitz_spectra", None)
+        ct_normal.spectrum(p, x.dtype, x.device)
+
+    kernel = cpu(build, 1)
+    normal, b = approximate_normal(p, y)
+    extras = cpu(lambda: approximate_normal(p, y), 1)  # x_d and K x_d (spectrum cached)
+    fft = cpu(lambda: normal(x), 3)
+    dc = cpu(lambda: cg(lambda v: v + gamma * normal(v), x + gamma * b, x, 5), 3)
+    a = cpu(lambda: p.A(x), 1)
+    step = dc + a / RESIDUAL_EVERY
+    whole = step + (kernel + extras + exact_step) / steps
+    return [{"problem": f"{label}, toeplitz normal (K {fmt(fft)}; kernel {fmt(kernel)}, "
+                        f"x_d {fmt(extras)} once)",
+             "network CPU s / call": net, "data consistency CPU s / step": step,
+             "step / network": (net + step) / net},
+            {"problem": f"{label}, toeplitz, with the exact last step and set-up over "
+                        f"{steps} steps",
+             "network CPU s / call": net, "data consistency CPU s / step": whole,
+             "step / network": (net + whole) / net}]
+
+
+def ct_normal_quality_rows(n: int, scans: list[tuple[str, int]], steps: int) -> list[dict]:
+    """PSNR (dB, peak 1) of DDS ``steps`` with the exact and the toeplitz normal operator on
+    a VALIDATION image (nilearn MNI axial slice 80, ``benchmarks._baselines_scans``) of n x n,
+    per (geometry, views) scan: sinogram by ``operators.ct`` plus Gaussian noise of 0.5% of
+    its peak, one draw, seed 0; 'auto' is what ``ct(normal="auto")`` picks."""
+    from benchmarks._baselines_scans import anatomy_images
+    from diffrecon import operators, priors
+    from diffrecon.datasets.simulate import fan_defaults
+    from diffrecon.metrics import psnr
+    from diffrecon.recon.dds import DDSSolver
+
+    prior = priors.load("ct").eval()
+    x = torch.from_numpy(dict(anatomy_images("val", n))["mni-ax80"]).float()[None, None]
+    ref = x[0, 0].double().numpy()
+    rows = []
+    for geometry, views in scans:
+        kw = {"views": views}
+        if geometry == "fan":
+            kw.update(geometry="fan", detector="curved", pixel_size_mm=0.7,
+                      **fan_defaults(n, 0.7))
+        clean = operators.ct(n, **kw).A(x)
+        sigma = 0.005 * float(clean.abs().max())
+        g = torch.Generator().manual_seed(SEED0)
+        y = clean + sigma * torch.randn(clean.shape, generator=g)
+        out, cpu_s = {}, {}
+        for normal in ("exact", "toeplitz"):
+            t0 = time.process_time()
+            p = operators.ct(n, noise_sigma=sigma, normal=normal, **kw)
+            rec = DDSSolver(steps=steps).solve(y, p, prior, seed=0)
+            cpu_s[normal] = time.process_time() - t0
+            out[normal] = (rec.mean[0, 0].double().numpy(), rec.info["data_residual"][-1])
+        rows.append({"scan": f"{geometry} {n} x {n}, {views} views",
+                     "auto": operators.ct(n, **kw).normal,
+                     "PSNR exact": psnr(ref, out["exact"][0]),
+                     "PSNR toeplitz": psnr(ref, out["toeplitz"][0]),
+                     "difference dB": psnr(ref, out["toeplitz"][0]) - psnr(ref, out["exact"][0]),
+                     "PSNR toeplitz vs exact": psnr(out["exact"][0], out["toeplitz"][0]),
+                     "residual exact": out["exact"][1], "residual toeplitz": out["toeplitz"][1],
+                     "CPU s exact": cpu_s["exact"], "CPU s toeplitz": cpu_s["toeplitz"]})
+    return rows
+
+
+def ct_normal_section(quick: bool) -> list[str]:
+    """Report lines of ``ct_normal_quality_rows``: DDS 50 on 256 x 256, parallel 8, 30 and
+    180 views, fan 256 views over 2 pi (--quick: 64 x 64, parallel 8 and 64 views, 3 steps)."""
+    from benchmarks.common import markdown_table
+
+    n, scans, steps = ((64, [("parallel", 8), ("parallel", 64)], 3) if quick else
+                       (256, [("parallel", 8), ("parallel", 30), ("parallel", 180),
+                              ("fan", 256)], 50))
+    return [f"## CT: DDS {steps} with the exact vs the toeplitz normal operator", "",
+            markdown_table(ct_normal_quality_rows(n, scans, steps)), ""]

@@ -65,7 +65,11 @@ alongside: on a shared machine the wall time includes waiting for a core.
 Per-step split (``--parts step-split``): process CPU seconds, in one process, of one
 network call and one DDS data-consistency step on the real-size shapes (MRI 320 x 320 with
 8 coils and a 4x column mask, both normal operators; CT 512 x 512 with 720 views, 7 A + 6
-A^T per step), so the per-step ratio does not depend on the machine's load.
+A^T per step, and with ``ct(normal="toeplitz")``: 6 FFT normal products, the residual every
+``dds.RESIDUAL_EVERY`` steps, the exact last step and the set-up spread over the default
+run's steps, ``_realsize_ct.ct_fast_step_rows``), so the per-step ratio does not depend on
+the machine's load. Then DDS 50 with the exact vs the toeplitz normal on a 256 x 256
+VALIDATION image, 8 to 256 views (``_realsize_ct.ct_normal_section``).
 
 Every run uses ``--threads`` torch threads (default 1) and one OpenMP thread; run it with
 ``OMP_NUM_THREADS=1 nice``. ``--quick``: MRI 128 x 64 (8 coils, 20% centre), CT 64 x 64
@@ -85,6 +89,7 @@ import h5py
 import numpy as np
 import torch
 
+from benchmarks import _realsize_ct as rct
 from benchmarks._realsize_ct import _ct_physics, ct_child, ct_rows, write_ct_file
 from benchmarks._realsize_runs import run_child, whole_rows
 from benchmarks.common import SEED0, arguments, fmt, header, markdown_table, nice, setup
@@ -257,6 +262,7 @@ def step_rows(size: int, coils: int, ct_n: int, ct_views: int, repeats: int) -> 
     one A^T) in this process: the per-step ratio (network + data consistency) / network,
     independent of the machine's load."""
     from diffrecon import operators, priors
+    from diffrecon.pipeline.options import DEFAULT_STEPS
     from diffrecon.recon.common import cg, relative_residual
 
     def cpu(fn, n=repeats):
@@ -299,10 +305,11 @@ def step_rows(size: int, coils: int, ct_n: int, ct_views: int, repeats: int) -> 
             a = cpu(lambda p=p: p.A(x), 1)
             at = cpu(lambda p=p, y=y: p.A_adjoint(y), 1)
             step = 7 * a + 6 * at
-            rows.append({"problem": f"CT {ct_n} x {ct_n}, {ct_views} views, {geometry} "
-                                    f"(A {fmt(a)}, A^T {fmt(at)})",
+            label = f"CT {ct_n} x {ct_n}, {ct_views} views, {geometry}"
+            rows.append({"problem": f"{label} (A {fmt(a)}, A^T {fmt(at)})",
                          "network CPU s / call": net, "data consistency CPU s / step": step,
                          "step / network": (net + step) / net})
+            rows += rct.ct_fast_step_rows(p, x, net, step, DEFAULT_STEPS["dds"], label, cpu)
     return rows
 
 
@@ -369,6 +376,7 @@ def main(argv=None) -> str:
         if "step-split" in a.parts:
             sections += ["## Per DDS step (process CPU s, this process)", "",
                          markdown_table(step_rows(size, 8, ct_n, ct_views, repeats)), ""]
+            sections += rct.ct_normal_section(a.quick)
         if jobs:
             rows = whole_rows(jobs, a.threads, Path(tmp))
             sections += ["## Whole default runs (one slice; wall s unless marked CPU)", "",

@@ -44,9 +44,11 @@ import torch.nn.functional as F
 from deepinv.physics import LinearPhysics
 from deepinv.physics.functional.radon import RampFilter
 
+from diffrecon.operators import ct_normal
 from diffrecon.operators._common import gaussian_noise, image_size, resolve_device
 
 GEOMETRIES = ("parallel", "fan")
+NORMALS = ("auto", "toeplitz", "exact")  # ``ct(normal=...)``
 DETECTORS = ("flat", "curved")
 ANGLE_SLACK = 0.1  # radians: a set of angles may span up to 2 pi + ANGLE_SLACK
 CHUNK_SAMPLES = 2**20  # ray samples per chunk (float32: 12 MB of grid and samples)
@@ -96,9 +98,9 @@ class _CT(LinearPhysics):
     """Chunked ray-driven CT projector (see the module docstring); build with :func:`ct`."""
 
     def __init__(self, n: int, angles: torch.Tensor, n_detectors: int, angle_step: float,
-                 geometry: dict, dtype, device, noise_model, chunk_samples: int):
+                 geometry: dict, dtype, device, noise_model, chunk_samples: int, normal: str):
         super().__init__(noise_model=noise_model, device=device)
-        self.img_width = n
+        self.img_width, self.normal = n, normal
         self.register_buffer("angles", angles.to(device), persistent=False)
         self.n_detectors = n_detectors
         self.angle_step = angle_step
@@ -197,6 +199,10 @@ class _CT(LinearPhysics):
                 g.expand(-1, -1, self.n_samples, -1), x, grid, 0, 0, True, [True, False])[0])
         return x
 
+    def A_adjoint_A_approx(self, x: torch.Tensor) -> torch.Tensor:
+        """FFT (Toeplitz) approximation of A^T A (``operators.ct_normal``)."""
+        return ct_normal.toeplitz_normal(self, x)
+
     # -- filtered back-projection ----------------------------------------------------
     def fbp(self, y: torch.Tensor, **kwargs) -> torch.Tensor:
         """Filtered back-projection. Parallel: A^T(ramp * y) * dtheta / 2 (Ram-Lak filter,
@@ -232,7 +238,7 @@ class _CT(LinearPhysics):
                                  torch.zeros_like(j))
             kernel = torch.where(j == 0, torch.full_like(j, 1 / (8 * alpha**2)), kernel)
             spacing = alpha
-        q = _convolve(y.to(torch.float64) * pre[:, None], kernel, nd) * spacing
+        q = ct_normal.convolve(y.to(torch.float64) * pre[:, None], kernel, nd) * spacing
         return self._fan_backproject(q).to(y.dtype) * self.angle_step
 
     def _fan_backproject(self, q: torch.Tensor) -> torch.Tensor:
@@ -278,23 +284,13 @@ class _Linear(torch.autograd.Function):
         return ctx.f_adjoint(grad), None, None
 
 
-def _convolve(y: torch.Tensor, kernel: torch.Tensor, nd: int) -> torch.Tensor:
-    """Linear convolution along the detector axis (-2) of y (B, C, nd, V) with ``kernel``
-    (2 nd - 1,), centred (kernel index nd - 1 is lag 0); zero-padded FFT."""
-    size = 1 << (3 * nd - 2).bit_length()
-    kf = torch.fft.rfft(torch.roll(F.pad(kernel, (0, size - kernel.numel())), -(nd - 1)),
-                        n=size)
-    yf = torch.fft.rfft(y, n=size, dim=-2)
-    return torch.fft.irfft(yf * kf[:, None], n=size, dim=-2)[..., :nd, :]
-
-
 def ct(img_size, *, views: int | None = None, angles=None, angle_range: float | None = None,
        n_detectors: int | None = None, noise_sigma: float = 0.0, device=None,
        dtype=torch.float32, geometry: str = "parallel",
        source_to_isocentre_mm: float | None = None, source_to_detector_mm: float | None = None,
        detector_spacing_mm: float | None = None, pixel_size_mm: float = 1.0,
        detector: str = "flat", step: float = 1.0,
-       chunk_samples: int = CHUNK_SAMPLES) -> LinearPhysics:
+       chunk_samples: int = CHUNK_SAMPLES, normal: str = "auto") -> LinearPhysics:
     """CT operator on (B, 1, N, N) images (a deepinv ``LinearPhysics``; module docstring).
 
     ``img_size``: N, (N, N) or (1, N, N). Angles: ``views`` equally spaced in
@@ -310,6 +306,8 @@ def ct(img_size, *, views: int | None = None, angles=None, angle_range: float | 
     be positive; the source must lie outside the image's circumscribed circle;
     ``n_detectors`` defaults to the count whose fan just covers that circle; ``step`` is the
     ray sampling step in pixels. ``chunk_samples`` bounds the ray samples held at once.
+    ``normal``: DDS's A^T A in its step loop, "toeplitz" (FFT, ``operators.ct_normal``) or
+    "exact"; "auto": toeplitz for full scans (pi / 2 pi) with >= N / 2 views per pi.
     """
     if isinstance(img_size, (int, np.integer)):
         img_size = (int(img_size), int(img_size))
@@ -348,10 +346,16 @@ def ct(img_size, *, views: int | None = None, angles=None, angle_range: float | 
         if n_det < 1 or (n_det - default_detectors(h)) % 2:
             raise ValueError(f"ct: n_detectors must be positive and differ from "
                              f"{default_detectors(h)} by an even number, got {n_detectors}.")
+    full = step_angle * angles.numel() >= (2 if fan else 1) * math.pi * (1 - 1e-6)
+    if normal not in NORMALS or (normal == "toeplitz" and fan and not full):
+        raise ValueError(f"ct: normal must be one of {', '.join(NORMALS)} ('toeplitz' needs "
+                         f"parallel beam or a full 2*pi fan scan), got {normal!r}.")
+    if normal == "auto":  # toeplitz where measured safe: full scans, >= N / 2 views per pi
+        normal = "toeplitz" if full and step_angle <= 2 * math.pi / h else "exact"
     if not chunk_samples >= 1:
         raise ValueError(f"ct: chunk_samples must be >= 1, got {chunk_samples!r}.")
     return _CT(h, angles, n_det, step_angle, geo, dtype, resolve_device(device),
-               gaussian_noise(noise_sigma, "ct"), chunk_samples)
+               gaussian_noise(noise_sigma, "ct"), chunk_samples, normal)
 
 
 def _fan_geometry(n, dso, dsd, du, pixel, detector, step) -> dict:

@@ -13,6 +13,13 @@ the step's denoiser output (not recomputed from x0'). The last step returns x0'.
 ``DDSSolver._sample`` is that loop; ``dds3d`` extends it through two hooks (the denoiser
 call and the data-consistency step).
 
+Fast normal operator: where the physics offers an approximate A^T A, K (``operators.ct``
+``normal="toeplitz"``, an FFT convolution, ~1% operator error on images), CG uses K with
+the consistent right-hand side K x_d (``recon.common.approximate_normal``) on every step
+but the last ``EXACT_LAST``, and the exact A^T A with A^T y on those, so the result is
+fitted to y with the exact model; the per-step data residual (one exact A) is then
+recorded every ``RESIDUAL_EVERY`` steps and on the last (``info["data_residual_steps"]``).
+
 Fresh-noise fraction f (variance share of new noise in the step sigma -> sigma'):
     noise_convention="ddim":      f = eta^2 (1 - sigma'^2 / sigma^2)  (standard DDIM eta,
                                   Song et al. 2021 eq. 16; eta = 1 is DDPM-ancestral)
@@ -34,6 +41,7 @@ from torch import Tensor
 
 from .base import SolveContext, Solver, record
 from .common import (
+    approximate_normal,
     bview,
     cg,
     ddim_fresh_fraction,
@@ -44,6 +52,8 @@ from .common import (
 )
 
 NOISE_CONVENTIONS = ("ddim", "reference")
+RESIDUAL_EVERY = 10  # steps between exact data residuals when CG runs an approximate A^T A
+EXACT_LAST = 1  # final steps whose CG runs the exact A^T A when the physics has a fast one
 
 
 def check_convention(name: str, value: str) -> None:
@@ -61,37 +71,41 @@ def fresh_fraction(eta: float, convention: str, sigma: Tensor, sigma_next: Tenso
 
 
 def data_consistency(physics, y: Tensor, sigma_y: float | tuple[float, ...],
-                     sigma_data: float, gamma: float | str, cg_iters: int, name: str
-                     ) -> Callable[[Tensor, Tensor], Tensor]:
-    """DDS's data-consistency step (module docstring) as (x0_hat, sigma) -> x0': CG started
-    at x0_hat on (I + gamma A^T A) x = x0_hat + gamma A^T y (noisy) or on A^T A x = A^T y
-    (noiseless), ``cg_iters`` iterations. gamma: a number or "auto" = min(sigma,
-    sigma_data)^2 / sigma_y^2 (``DDSOptions``). sigma_y: one float, or a tuple with one
-    noise level per row of y (each row then gets the scalar weight a solve of it alone would
-    use). y (B, ...) or (1, ...), which broadcasts over the rows of x0_hat. Shared by DDS
-    (``DDSSolver._consistency``) and SMC's "dds" proposal; ``name`` prefixes its errors."""
-    normal = normal_operator(physics)
-    aty = physics.A_adjoint(y)
+                     sigma_data: float, gamma: float | str, cg_iters: int, name: str,
+                     fast: bool = False) -> Callable[..., Tensor]:
+    """DDS's data-consistency step (module docstring) as (x0_hat, sigma, final=True) -> x0':
+    CG started at x0_hat on (I + gamma A^T A) x = x0_hat + gamma A^T y (noisy) or on A^T A
+    x = A^T y (noiseless), ``cg_iters`` iterations; A^T A is exact when ``final``, else the
+    physics' approximate one with its consistent right-hand side (``approximate_normal``,
+    built here when ``fast``; without it every call is exact). gamma: a number or "auto" =
+    min(sigma, sigma_data)^2 / sigma_y^2 (``DDSOptions``). sigma_y: one float, or a tuple
+    with one noise level per row of y (each row then gets the scalar weight a solve of
+    it alone would use). y (B, ...) or (1, ...), which broadcasts over the rows of x0_hat.
+    Shared by DDS (``DDSSolver._consistency``) and SMC's "dds" proposal; ``name`` prefixes
+    its errors."""
+    exact = (normal_operator(physics), physics.A_adjoint(y))  # (A^T A, A^T y)
     levels = sigma_y if isinstance(sigma_y, tuple) else None  # one per row
     noiseless = [s == 0 for s in levels] if levels is not None else [sigma_y == 0]
     if any(noiseless) != all(noiseless):
         raise ValueError(f"{name}: a batch mixes noiseless and noisy measurements; solve them "
                          f"separately")
+    approx = (approximate_normal(physics, y) if fast else None) or exact
     if noiseless[0]:
-        return lambda x0, sigma: cg(normal, aty, x0, cg_iters)
+        return lambda x0, sigma, final=True: cg(*(exact if final else approx), x0, cg_iters)
 
     def weight(sigma, level):
         if gamma == "auto":
             return torch.clamp(sigma, max=sigma_data).to(y.dtype) ** 2 / level ** 2
         return gamma
 
-    def consistency(x0, sigma):
+    def consistency(x0, sigma, final=True):
+        normal, b = exact if final else approx
         if levels is None:
             g = weight(sigma, sigma_y)
         else:  # row b gets exactly the scalar weight a solve of it alone would use
             g = bview(torch.stack([torch.as_tensor(weight(sigma, s), dtype=y.dtype,
                                                    device=y.device) for s in levels]), x0)
-        return cg(lambda x: x + g * normal(x), x0 + g * aty, x0, cg_iters)
+        return cg(lambda x: x + g * normal(x), x0 + g * b, x0, cg_iters)
 
     return consistency
 
@@ -143,30 +157,37 @@ class DDSSolver(Solver):
         o, shape = self.options, ctx.signal_shape
         sigmas = self._sigmas(ctx.prior, y.device)
         denoise = self._denoiser(ctx)            # (z, sigma) -> (x0_hat, eps_hat)
-        consistency = self._consistency(y, ctx)  # (x0_hat, sigma) -> x0'
+        consistency = self._consistency(y, ctx)  # (x0_hat, sigma, final) -> x0'
+        base = getattr(ctx.physics, "physics", ctx.physics)  # behind the counting proxy
+        every = 1 if getattr(base, "normal", "exact") == "exact" else RESIDUAL_EVERY
         residuals: list[Tensor] = []
         z = sigmas[0].to(y.dtype) * ctx.noise.randn(*shape)
         n = sigmas.shape[0] - 1
         for i in range(n):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             x0, eps = denoise(z, sigma)
-            x0 = consistency(x0, sigma)
-            residuals.append(relative_residual(ctx.physics, x0, y).mean())
+            x0 = consistency(x0, sigma, i >= n - EXACT_LAST)
+            if i % every == 0 or i == n - 1:
+                residuals.append(relative_residual(ctx.physics, x0, y).mean())
             ctx.report(i=i, sigma=sigma, x=z, denoised=x0)
             if i == n - 1:
                 break
             f = fresh_fraction(o.eta, o.noise_convention, sigma, sigma_next)
             z = renoise(x0, eps, sigma_next, f, ctx.noise.randn(*shape))
         record(ctx.diagnostics, "data_residual", residuals)
+        if every > 1:
+            steps = [*range(0, n - 1, every), n - 1]
+            ctx.diagnostics.setdefault("data_residual_steps", []).extend(steps)
         return x0
 
     def _denoiser(self, ctx: SolveContext) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """(z, sigma) -> (x0_hat, eps_hat): the Tweedie step on all rows at once."""
         return partial(tweedie, ctx.prior)
 
-    def _consistency(self, y: Tensor, ctx: SolveContext) -> Callable[[Tensor, Tensor], Tensor]:
-        """(x0_hat, sigma) -> x0': ``data_consistency`` with this solver's gamma and cg_iters."""
+    def _consistency(self, y: Tensor, ctx: SolveContext) -> Callable[..., Tensor]:
+        """(x0_hat, sigma, final) -> x0': ``data_consistency`` with this solver's gamma and
+        cg_iters."""
         o = self.options
         return data_consistency(ctx.physics, y, ctx.sigma_y,
                                 float(getattr(ctx.prior, "sigma_data", 0.5)), o.gamma,
-                                o.cg_iters, "dds")
+                                o.cg_iters, "dds", fast=True)

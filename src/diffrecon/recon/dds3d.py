@@ -96,7 +96,7 @@ class DDS3DSolver(DDSSolver):
         def one(t: Tensor) -> Tensor:  # the volume as one CG "row": real inner product over all
             return t.unsqueeze(0)
 
-        def admm(x0, sigma):
+        def admm(x0, sigma, final=True):  # final: DDS's flag; ADMM's A^T A is always exact
             nonlocal v, u
             rhs = aty + o.rho * dz_adjoint(v - u)
             x = cg(lambda t: one(normal(t[0]) + o.rho * dz_adjoint(dz(t[0]))), one(rhs), one(x0),
