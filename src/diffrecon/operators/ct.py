@@ -48,7 +48,6 @@ from diffrecon.operators import ct_normal
 from diffrecon.operators._common import gaussian_noise, image_size, resolve_device
 
 GEOMETRIES = ("parallel", "fan")
-NORMALS = ("auto", "toeplitz", "exact")  # ``ct(normal=...)``
 DETECTORS = ("flat", "curved")
 ANGLE_SLACK = 0.1  # radians: a set of angles may span up to 2 pi + ANGLE_SLACK
 CHUNK_SAMPLES = 2**20  # ray samples per chunk (float32: 12 MB of grid and samples)
@@ -306,8 +305,8 @@ def ct(img_size, *, views: int | None = None, angles=None, angle_range: float | 
     be positive; the source must lie outside the image's circumscribed circle;
     ``n_detectors`` defaults to the count whose fan just covers that circle; ``step`` is the
     ray sampling step in pixels. ``chunk_samples`` bounds the ray samples held at once.
-    ``normal``: DDS's A^T A in its step loop, "toeplitz" (FFT, ``operators.ct_normal``) or
-    "exact"; "auto": toeplitz for full scans (pi / 2 pi) with >= N / 2 views per pi.
+    ``normal``: DDS's A^T A in its step loop, "toeplitz" (``operators.ct_normal``), "exact"
+    or "auto" (toeplitz on full scans, pi / 2 pi, with >= N / 2 views per pi, else exact).
     """
     if isinstance(img_size, (int, np.integer)):
         img_size = (int(img_size), int(img_size))
@@ -346,12 +345,12 @@ def ct(img_size, *, views: int | None = None, angles=None, angle_range: float | 
         if n_det < 1 or (n_det - default_detectors(h)) % 2:
             raise ValueError(f"ct: n_detectors must be positive and differ from "
                              f"{default_detectors(h)} by an even number, got {n_detectors}.")
-    full = step_angle * angles.numel() >= (2 if fan else 1) * math.pi * (1 - 1e-6)
-    if normal not in NORMALS or (normal == "toeplitz" and fan and not full):
-        raise ValueError(f"ct: normal must be one of {', '.join(NORMALS)} ('toeplitz' needs "
-                         f"parallel beam or a full 2*pi fan scan), got {normal!r}.")
-    if normal == "auto":  # toeplitz where measured safe: full scans, >= N / 2 views per pi
-        normal = "toeplitz" if full and step_angle <= 2 * math.pi / h else "exact"
+    full = step_angle * angles.numel() >= (1 + fan) * math.pi * (1 - 1e-6)  # pi / 2 pi
+    fit = full and step_angle <= 2 * math.pi / h  # >= N/2 views per pi (sparser diverged)
+    if normal not in ("auto", "toeplitz", "exact") or (normal == "toeplitz" and not fit):
+        raise ValueError(f"ct: normal must be auto, toeplitz or exact ('toeplitz' needs a full "
+                         f"scan with >= N/2 views per pi), got {normal!r}.")
+    normal = ("toeplitz" if fit else "exact") if normal == "auto" else normal
     if not chunk_samples >= 1:
         raise ValueError(f"ct: chunk_samples must be >= 1, got {chunk_samples!r}.")
     return _CT(h, angles, n_det, step_angle, geo, dtype, resolve_device(device),
