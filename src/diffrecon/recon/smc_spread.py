@@ -26,7 +26,14 @@ size), gloo (CPU) or nccl (CUDA) alike, no host sync besides them.
 
 Proposals stay agnostic: a proposal sees only its rows (x0_hat, eps_hat, grad of its rows)
 and must draw all its noise through ``Cloud.randn`` / ``Cloud.uniform`` and size its
-outputs by the rows it is given, never by ``num_particles``.
+outputs by the rows it is given, never by ``num_particles``; one that needs the whole cloud
+gathers it through ``cloud.group.gather`` (the "dds" proposal's steering exponent: one more
+collective of 2 N values per step).
+
+Measured (benchmarks/RESULTS.md, section 4): the shipped MRI network's output for a row
+changes in the last bits with the batch it runs in (fp32 on the CPU, 16 rows vs 2 x 8: up
+to 3e-7), hence the chunk rule; on a 128 px MRI 4x scan, N = 16, 2 ranks write the bits of
+one process.
 """
 
 from __future__ import annotations
