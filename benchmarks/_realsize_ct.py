@@ -249,11 +249,12 @@ def ct_normal_quality_rows(n: int, scans: list[tuple[str, int]], steps: int) -> 
 
 def ct_normal_section(quick: bool) -> list[str]:
     """Report lines of ``ct_normal_quality_rows``: DDS 50 on 256 x 256, parallel 8, 30 and
-    180 views, fan 256 views over 2 pi (--quick: 64 x 64, parallel 8 and 64 views, 3 steps)."""
+    180 views, fan 256 and 360 views over 2 pi (--quick: 64 x 64, parallel 8 and 64 views, 3
+    steps)."""
     from benchmarks.common import markdown_table
 
     n, scans, steps = ((64, [("parallel", 8), ("parallel", 64)], 3) if quick else
                        (256, [("parallel", 8), ("parallel", 30), ("parallel", 180),
-                              ("fan", 256)], 50))
+                              ("fan", 256), ("fan", 360)], 50))
     return [f"## CT: DDS {steps} with the exact vs the toeplitz normal operator", "",
             markdown_table(ct_normal_quality_rows(n, scans, steps)), ""]

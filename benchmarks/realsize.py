@@ -69,7 +69,7 @@ A^T per step, and with ``ct(normal="toeplitz")``: 6 FFT normal products, the res
 ``dds.RESIDUAL_EVERY`` steps, the exact last step and the set-up spread over the default
 run's steps, ``_realsize_ct.ct_fast_step_rows``), so the per-step ratio does not depend on
 the machine's load. Then DDS 50 with the exact vs the toeplitz normal on a 256 x 256
-VALIDATION image, 8 to 256 views (``_realsize_ct.ct_normal_section``).
+VALIDATION image, 8 to 360 views (``_realsize_ct.ct_normal_section``).
 
 Every run uses ``--threads`` torch threads (default 1) and one OpenMP thread; run it with
 ``OMP_NUM_THREADS=1 nice``. ``--quick``: MRI 128 x 64 (8 coils, 20% centre), CT 64 x 64
