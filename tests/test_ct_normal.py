@@ -23,7 +23,8 @@ from diffrecon.recon.dds import RESIDUAL_EVERY, DDSSolver
 N = 64
 F64 = torch.float64
 FAN = dict(geometry="fan", detector="curved", pixel_size_mm=1.0, **fan_defaults(N, 1.0))
-SCANS = {"parallel": dict(views=64), "fan": dict(views=128, **FAN)}  # >= N / 2 views per pi
+SCANS = {"parallel": dict(views=64, normal="toeplitz"),                 # >= N / 2 views per pi
+         "fan": dict(views=128, normal="toeplitz", **FAN)}                # (fan: on request)
 # measured at 64 px: parallel 1.15% / 1.11% / 1.11%, fan 1.08% / 1.54% / 1.49%
 IMAGE_ERROR = {"parallel": 0.015, "fan": 0.02}
 NOISE_ERROR = 0.12  # white noise: 9.1% (parallel) / 9.6% (fan), the aliasing of the projector
@@ -39,7 +40,6 @@ def images():
 @pytest.mark.parametrize("geometry", SCANS)
 def test_fast_normal_is_symmetric_psd_and_close_to_exact(geometry, images):
     p = operators.ct(N, dtype=F64, **SCANS[geometry])
-    assert p.normal == "toeplitz"  # "auto" on a dense full scan
     g = torch.Generator().manual_seed(0)
     u, v = torch.randn(2, 3, 1, N, N, generator=g, dtype=F64)
     k = p.A_adjoint_A_approx
@@ -66,7 +66,9 @@ def test_dense_matrix_is_symmetric_psd():
 
 
 def test_auto_choice_and_refusals():
-    assert operators.ct(N, views=64).normal == "toeplitz"
+    assert operators.ct(N, views=64).normal == "toeplitz"          # dense full parallel
+    assert operators.ct(N, views=128, **FAN).normal == "exact"     # fan: only on request
+    assert operators.ct(N, views=128, normal="toeplitz", **FAN).normal == "toeplitz"
     assert operators.ct(N, views=30).normal == "exact"          # sparse: FBP x_d unreliable
     assert operators.ct(N, views=64, angle_range=math.pi / 2).normal == "exact"  # limited
     assert operators.ct(N, views=64, normal="exact").normal == "exact"
@@ -81,7 +83,7 @@ def test_auto_choice_and_refusals():
 
 
 def _scan(geometry, image):
-    kw = SCANS[geometry]
+    kw = {k: v for k, v in SCANS[geometry].items() if k != "normal"}
     x = image.float()
     clean = operators.ct(N, **kw).A(x)
     sigma = 0.005 * float(clean.abs().max())
