@@ -88,7 +88,8 @@ def calibrate(
     typer.echo(f"wrote {output}: {calib.n_units} calibration units ({calib.unit}s; "
                f"{calib.n_slices} slices), "
                f"task {calib.task.get('modality')} / {calib.task.get('solver')} / "
-               f"{calib.task.get('prior')}")
+               f"{calib.task.get('prior')}"
+               + (f", std pooled over {calib.smooth:g} px" if calib.smooth else ""))
     for level in calib.levels:
         k = repr(level)
         typer.echo(f"  {level:g}: scale {calib.scales[level]:.4g} x spread; in-sample coverage "
