@@ -85,8 +85,8 @@ def run_child(kind: str, scan: str, out: str, steps: int | None, threads: int,
 
     prun.load_problem, prun.load_prior = timed_problem, timed_prior
     opts = {"device": "cpu", "slices": "0"}
-    if precision != "fp32":
-        opts["precision"] = precision
+    if "precision" in {f.name for f in dataclasses.fields(pipeline.RunOptions)}:
+        opts["precision"] = precision  # explicit: the default "auto" may pick bf16
     if "threads" in {f.name for f in dataclasses.fields(pipeline.RunOptions)}:
         opts["threads"] = threads  # the run pins its own thread count (default 1)
     if kind == "mri-run":
