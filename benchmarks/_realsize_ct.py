@@ -72,14 +72,14 @@ def ellipse_sinogram(n: int, angles: np.ndarray, n_det: int, geometry: dict) -> 
     return out
 
 
-def _ct_physics(geometry: str, n: int, views: int):
+def _ct_physics(geometry: str, n: int, views: int, normal: str = "auto"):
     from diffrecon.datasets.simulate import fan_defaults
     from diffrecon.operators import ct
 
     if geometry == "parallel":
-        return ct(n, views=views)
+        return ct(n, views=views, normal=normal)
     return ct(n, views=views, geometry="fan", detector="curved", pixel_size_mm=0.7,
-              **fan_defaults(n, 0.7))
+              normal=normal, **fan_defaults(n, 0.7))
 
 
 def ct_child(geometry: str, n: int, views: int, repeats: int, threads: int) -> None:

@@ -300,7 +300,7 @@ def step_rows(size: int, coils: int, ct_n: int, ct_views: int, repeats: int) -> 
         x = torch.randn(1, 1, ct_n, ct_n, generator=g)
         net = cpu(lambda: prior.denoise(x, sigma))
         for geometry in ("parallel", "fan"):
-            p = _ct_physics(geometry, ct_n, ct_views)
+            p = _ct_physics(geometry, ct_n, ct_views, normal="toeplitz")  # the fast rows too
             y = p.A(x)
             a = cpu(lambda p=p: p.A(x), 1)
             at = cpu(lambda p=p, y=y: p.A_adjoint(y), 1)
