@@ -263,11 +263,11 @@ def test_view_names_scan_slices_and_reads_only_those(tmp_path, monkeypatch):
     np.testing.assert_array_equal(part.intervals[0.9][1], (rec[2:] + 0.2).astype(np.float32))
 
 
-def test_random_masks_of_one_nominal_acceleration_are_one_task(tmp_path):
+def test_random_masks_of_one_nominal_acceleration_are_one_task(tmp_path, monkeypatch):
     """fastMRI-style files each draw their own random mask: the task is the files' nominal
     acceleration (their 'acceleration' attribute), not each mask's sampled fraction, so
     scans with different masks calibrate together and a new scan runs with the file; the
-    evaluated coverage counts the calibration's foreground pixels."""
+    evaluated coverage counts the calibration's foreground pixels, and view's the same."""
     import h5py
 
     cal, res = tmp_path / "cal", tmp_path / "res"
@@ -299,3 +299,11 @@ def test_random_masks_of_one_nominal_acceleration_are_one_task(tmp_path):
     assert m["foreground"] == 0.05
     assert m["coverage_per_slice"] == want["coverage_per_slice"]
     assert m["coverage"] != coverage_report(ref, lo, hi)["coverage"]
+    import matplotlib.axes
+
+    titles = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, text, **kw: titles.append(text))
+    ok("view", recon, "-o", tmp_path / "v.png", "--reference", test)  # middle slice: 1
+    note = f"covers {100 * want['coverage_per_slice'][1]:.1f}% of the reference > 0.05 max"
+    assert any(note in t for t in titles), titles

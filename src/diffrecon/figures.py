@@ -68,7 +68,8 @@ def save_figure(result: str | os.PathLike | dict[str, Any], out_png: str | os.Pa
         reference_kind: for MRI scans, 'auto', 'rss' or 'complex' (see ``metrics``).
 
     Metrics (per row): PSNR / SSIM with the whole reference volume's maximum as data range
-    (fastMRI), and the fraction of reference pixels inside each interval.
+    (fastMRI), and the fraction of reference pixels inside each interval (those the
+    calibration counted, as ``evaluate``: ``metrics.counted_pixels``).
     """
     from diffrecon import metrics
 
@@ -78,7 +79,7 @@ def save_figure(result: str | os.PathLike | dict[str, Any], out_png: str | os.Pa
         held = list(result.get("slices") or range(len(rec)))
         std = result.get("std")
         intervals = dict(result.get("intervals") or {})
-        label = result.get("label", "")
+        label, attrs = result.get("label", ""), {}
         pos = [len(rec) // 2] if slices is None else [held.index(int(s)) for s in slices
                                                       if int(s) in held]
         if slices is not None and len(pos) != len(set(slices)):
@@ -103,7 +104,7 @@ def save_figure(result: str | os.PathLike | dict[str, Any], out_png: str | os.Pa
             res = read_result(result, pos, samples=False)
             rec, std, intervals = res.reconstruction, res.std, res.intervals
             ref = None if reference is None else np.asarray(reference, dtype=np.float64)[pos]
-        label = f"{Path(result).name}: {res.attrs.get('solver', '?')}"
+        label, attrs = f"{Path(result).name}: {res.attrs.get('solver', '?')}", res.attrs
     rec = np.asarray(rec, dtype=np.float64)
     std = None if std is None else np.asarray(std, dtype=np.float64)
     if ref is not None and ref.shape != rec.shape:
@@ -114,10 +115,12 @@ def save_figure(result: str | os.PathLike | dict[str, Any], out_png: str | os.Pa
                      for lv, pair in intervals.items()}
     if ref is not None and data_range is None:
         data_range = float(ref.max())
-    return _draw(out_png, rec, std, ref, intervals, scan, label, data_range, dpi)
+    fg, counted = (None, None) if ref is None else metrics.counted_pixels(attrs, ref)
+    return _draw(out_png, rec, std, ref, intervals, scan, label, data_range, dpi, fg, counted)
 
 
-def _draw(out_png, rec, std, ref, intervals, scan, label, data_range, dpi) -> Path:
+def _draw(out_png, rec, std, ref, intervals, scan, label, data_range, dpi, fg=None,
+          counted=None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -149,8 +152,10 @@ def _draw(out_png, rec, std, ref, intervals, scan, label, data_range, dpi) -> Pa
             note = ""
             if ref is not None:
                 lo, hi = (b[row][None] for b in intervals[lv])
-                cov = metrics.coverage_report(ref[row][None], lo, hi)["coverage"]
-                note = f"\ncovers {100 * cov:.1f}% of the reference"
+                mask = None if counted is None else counted[row][None]
+                cov = metrics.coverage_report(ref[row][None], lo, hi, mask=mask)["coverage"]
+                where = "" if fg is None else f" > {fg:g} max"
+                note = f"\ncovers {100 * cov:.1f}% of the reference{where}"
             panels[f"{lv:g} interval width"] = (_display(widths[lv][row]), "cividis", 0.0,
                                                 wmax, note)
         for col, name in enumerate(columns):

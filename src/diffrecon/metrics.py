@@ -233,14 +233,9 @@ def evaluate_file(result, reference, reference_kind: str = "auto") -> dict[str, 
         for s, idx in zip(out["per_slice"], slices, strict=True):
             s["slice"] = idx
     if p["intervals"]:
-        from diffrecon.calibration import foreground
-
-        fg = res.attrs.get("calibration_foreground")
-        mask = None if fg is None else foreground(gt, float(fg))
-        if mask is not None and not mask.reshape(len(gt), -1).any(axis=1).all():
-            mask = None  # a slice without foreground: count every pixel
+        fg, mask = counted_pixels(res.attrs, gt)
         out["coverage"] = {
-            repr(lv): {"nominal": lv, "foreground": None if mask is None else float(fg),
+            repr(lv): {"nominal": lv, "foreground": fg,
                        **coverage_report(gt, lo, hi, pred, p["std"], mask=mask)}
             for lv, (lo, hi) in sorted(p["intervals"].items())}
         bound = np.atleast_2d(np.asarray(res.attrs.get("calibration_rmse_bound", []), float))
@@ -252,6 +247,22 @@ def evaluate_file(result, reference, reference_kind: str = "auto") -> dict[str, 
                     out["coverage"][repr(float(lv))]["rmse_bound_held"] = float(
                         np.mean(rmse <= b))
     return out
+
+
+def counted_pixels(attrs, reference) -> tuple[float | None, np.ndarray | None]:
+    """The pixels a result's calibration counted (``evaluate`` and ``view`` alike): (its
+    ``calibration_foreground`` fraction, the mask of reference pixels above that fraction
+    of their slice's maximum), or (None, None) for every pixel (no foreground recorded,
+    or a slice without foreground). ``reference`` (slices, ...)."""
+    from diffrecon.calibration import foreground
+
+    fg = attrs.get("calibration_foreground")
+    if fg is None:
+        return None, None
+    mask = foreground(reference, float(fg))
+    if not mask.reshape(len(reference), -1).any(axis=1).all():
+        return None, None
+    return float(fg), mask
 
 
 def coverage_report(reference, lower, upper, mean=None, std=None, mask=None) -> dict[str, Any]:
