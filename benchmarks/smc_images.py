@@ -10,7 +10,7 @@ simulated by ``_external_tasks.simulate_group`` at ``--size`` px (64 by default:
 one 64-particle run costs ~40 min of a shared 2-core CPU), the shipped ``mri`` prior.
 Splits: ``test`` = dipy ``S0_10slices`` b0 EPI slices 2, 3, ... (TEST split of
 benchmarks/external; never tuned on); ``validation`` = dipy ``aniso_vox`` slices 10, 13, ...
-(``validation_slice``; the split the steering constants were checked on).
+(``_coverage_pool.load_slice``; the split the steering constants were checked on).
 PSNR / SSIM: magnitude images (the result file's), data range of the slice's source volume
 (``_external_runs.score``).
 
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import _coverage_pool as pool
 from benchmarks import _external_sim as sim
 from benchmarks._external_runs import score
 from benchmarks._external_tasks import EPI, TASKS, Group, quick_task, simulate_group
@@ -42,15 +43,6 @@ TASK = "mri-4x-rand-8c"
 VALIDATION = tuple(f"aniso_vox_{k}" for k in (10, 13, 16, 8, 12))
 COLUMNS = ["split", "slices", "method", "N / draws", "PSNR", "SSIM", "lineages (min)",
            "min ESS", "resamplings", "coverage 90%", "std / RMSE", "wall s / slice"]
-
-
-def validation_slice(name: str, size: int) -> np.ndarray:
-    """dipy aniso_vox slice ``aniso_vox_K`` (VALIDATION split), square, resized, in [0, 1]."""
-    import nibabel
-
-    vol = np.asarray(nibabel.load(sim._dipy_file("aniso_vox.nii.gz")).dataobj, np.float64)
-    return sim._unit(sim._resize(sim._square(np.rot90(vol[:, :, int(name.rsplit("_", 1)[1])])),
-                                 size))
 
 
 def scan_for(split: str, size: int, slices: int, out: Path, quick: bool) -> tuple[Path, Path]:
@@ -69,7 +61,7 @@ def scan_for(split: str, size: int, slices: int, out: Path, quick: bool) -> tupl
         return scan, truth
     scan.parent.mkdir(parents=True, exist_ok=True)
     truth.parent.mkdir(parents=True, exist_ok=True)
-    imgs = np.stack([validation_slice(n, size) for n in names])
+    imgs = np.stack([pool.load_slice(n.replace("aniso_vox_", "aniso_"), size) for n in names])
     s = sim.simulate_mri(imgs, **sim_kwargs(task, Group("validation", names, size), names))
     sim.write_mri(scan, s, acceleration=4, patient_id="val", pixel_mm=256.0 / size)
     np.savez(truth, reference=s["reference"], images=np.asarray(names),
