@@ -85,9 +85,10 @@ def run_child(kind: str, scan: str, out: str, steps: int | None, threads: int,
 
     prun.load_problem, prun.load_prior = timed_problem, timed_prior
     opts = {"device": "cpu", "slices": "0"}
-    if "precision" in {f.name for f in dataclasses.fields(pipeline.RunOptions)}:
+    fields = {f.name for f in dataclasses.fields(pipeline.RunOptions)}  # older checkouts
+    if "precision" in fields:
         opts["precision"] = precision  # explicit: the default "auto" may pick bf16
-    if "threads" in {f.name for f in dataclasses.fields(pipeline.RunOptions)}:
+    if "threads" in fields:
         opts["threads"] = threads  # the run pins its own thread count (default 1)
     if kind == "mri-run":
         opts["acceleration"] = None  # the file holds its mask
