@@ -171,11 +171,11 @@ def ct_fast_step_rows(p, x: torch.Tensor, net: float, exact_step: float, steps: 
     6 FFT normal products, plus 1 / ``RESIDUAL_EVERY`` exact A for the residual diagnostic),
     and the same with the per-solve extras spread over ``steps`` DDS steps: the kernel
     spectrum (once per geometry), x_d (``DATA_REFINEMENTS`` + 1 FBP and as many A) and K x_d,
-    and the exact last step
-    (``exact_step``). ``cpu(fn, n)`` times a call in process CPU seconds."""
+    and ``dds.EXACT_LAST`` exact steps (``exact_step`` each; none since session 10).
+    ``cpu(fn, n)`` times a call in process CPU seconds."""
     from diffrecon.operators import ct_normal
     from diffrecon.recon.common import approximate_normal, cg
-    from diffrecon.recon.dds import RESIDUAL_EVERY
+    from diffrecon.recon.dds import EXACT_LAST, RESIDUAL_EVERY
 
     y = p.A(x)
     gamma = 0.3 ** 2 / 0.01 ** 2
@@ -192,13 +192,13 @@ def ct_fast_step_rows(p, x: torch.Tensor, net: float, exact_step: float, steps: 
     dc = cpu(lambda: cg(lambda v: v + gamma * normal(v), x + gamma * b, x, 5), 3)
     a = cpu(lambda: p.A(x), 1)
     step = dc + a / RESIDUAL_EVERY
-    whole = step + (kernel + extras + exact_step) / steps
+    whole = step + (kernel + extras + EXACT_LAST * exact_step) / steps
     return [{"problem": f"{label}, toeplitz normal (K {fmt(fft)}; kernel {fmt(kernel)}, "
                         f"x_d {fmt(extras)} once)",
              "network CPU s / call": net, "data consistency CPU s / step": step,
              "step / network": (net + step) / net},
-            {"problem": f"{label}, toeplitz, with the exact last step and set-up over "
-                        f"{steps} steps",
+            {"problem": f"{label}, toeplitz, with {EXACT_LAST} exact last steps and set-up "
+                        f"over {steps} steps",
              "network CPU s / call": net, "data consistency CPU s / step": whole,
              "step / network": (net + whole) / net}]
 

@@ -66,7 +66,7 @@ Per-step split (``--parts step-split``): process CPU seconds, in one process, of
 network call and one DDS data-consistency step on the real-size shapes (MRI 320 x 320 with
 8 coils and a 4x column mask, both normal operators; CT 512 x 512 with 720 views, 7 A + 6
 A^T per step, and with ``ct(normal="toeplitz")``: 6 FFT normal products, the residual every
-``dds.RESIDUAL_EVERY`` steps, the exact last step and the set-up spread over the default
+``dds.RESIDUAL_EVERY`` steps, ``dds.EXACT_LAST`` exact steps and the set-up spread over the default
 run's steps, ``_realsize_ct.ct_fast_step_rows``), so the per-step ratio does not depend on
 the machine's load. Then DDS 50 with the exact vs the toeplitz normal on a 256 x 256
 VALIDATION image, 8 to 360 views (``_realsize_ct.ct_normal_section``).
