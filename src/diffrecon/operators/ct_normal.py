@@ -30,10 +30,11 @@ convolutions) halves the image error but did not improve DDS (64 px), so it is n
 
 Not a drop-in A^T A: the error sits at high frequencies where K is small, so CG on K with
 the exact A^T y amplifies it (100%+ image errors in 5 iterations); ``recon.common.
-approximate_normal`` pairs K with the consistent right-hand side K x_d instead, and DDS
-ends on the exact operator. ``ct(normal="auto")`` uses it only on full parallel-beam scans
-with >= N / 2 views per pi, where x_d (iterated FBP) is close to a least-squares image; on
-fan beam (kernel exact only at the isocentre) DDS lost 0.8-1.1 dB, so it is opt-in there.
+approximate_normal`` pairs K with the consistent right-hand side K x_d instead (DDS's
+data term becomes ||x - x_d||_K^2; an exact last step changed nothing). ``ct(normal=
+"auto")`` uses it only on full parallel-beam scans with >= N / 2 views per pi, where x_d
+(iterated FBP) is close to a least-squares image; on fan beam (kernel exact only at the
+isocentre) DDS lost 0.8-1.1 dB, so it is opt-in there.
 """
 
 from __future__ import annotations
