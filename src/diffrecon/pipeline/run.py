@@ -43,7 +43,7 @@ import torch
 from diffrecon.errors import InputError, as_input_error
 from diffrecon.problems import check_acquisition, load_problem
 
-from .concurrency import fixed_threads, output_lock
+from .concurrency import fixed_threads, kept_memory, output_lock
 from .options import (
     DEFAULT_PRIORS,
     RunOptions,
@@ -158,13 +158,13 @@ def planned(input_path, output_path, options: RunOptions, progress: Progress | N
             shard=None, wait: bool = True) -> Iterator[Plan | None]:
     """Within: the validated :class:`Plan` of a file, holding its output's lock (concurrent
     runs compute each result once; under torchrun rank 0 holds it) with the thread count
-    fixed (``concurrency``). ``wait=False``: yields None at once when another run holds
-    the lock."""
+    fixed and freed memory kept for reuse (``concurrency``). ``wait=False``: yields None
+    at once when another run holds the lock."""
     plan = plan_run(input_path, output_path, options)
     lock = contextlib.nullcontext(True) if shard is not None and shard.rank != 0 else \
         output_lock(plan.output_path, blocking=wait, on_wait=lambda text: _emit(
             progress, event="message", text=text))
-    with lock as held, fixed_threads(plan.options.threads):
+    with lock as held, fixed_threads(plan.options.threads), kept_memory():
         yield plan if held else None
 
 
