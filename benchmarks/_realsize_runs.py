@@ -5,6 +5,7 @@ benchmark script of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,6 +49,11 @@ class _Clock:
 PER_SOLVE_OPERATOR_CALLS = 3
 
 
+def _faults() -> int:
+    """Minor page faults of this process so far (memory the kernel had to hand out again)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def run_child(kind: str, scan: str, out: str, steps: int | None, threads: int,
               precision: str = "fp32") -> None:
     """Subprocess body: one default run of ``scan`` (module docstring); prints one JSON line."""
@@ -79,7 +85,11 @@ def run_child(kind: str, scan: str, out: str, steps: int | None, threads: int,
         def denoise(x, sigma):
             keep["sigmas"].append(sigma.detach().clone())
             keep["x_shape"] = tuple(x.shape)
-            return keep["denoise"](x, sigma)
+            f0 = _faults()
+            try:
+                return keep["denoise"](x, sigma)
+            finally:
+                keep["faults"] = keep.get("faults", 0) + _faults() - f0
         prior.denoise = net.wrap(denoise)
         return prior
 
@@ -100,12 +110,18 @@ def run_child(kind: str, scan: str, out: str, steps: int | None, threads: int,
     res = read_result(out)
     a = res.attrs
     solve = float(a["solve_time_s"])
-    with torch.no_grad():  # the bare network: same shape, same calls, same noise levels
+    try:  # the run's allocator settings (freed memory kept), absent in older checkouts
+        from diffrecon.pipeline.concurrency import kept_memory
+    except ImportError:
+        kept_memory = contextlib.nullcontext
+    # the bare network: same shape, same calls, same noise levels, same allocator settings
+    with torch.no_grad(), kept_memory():
         x = torch.randn(keep["x_shape"], generator=torch.Generator().manual_seed(0))
-        c1, t1 = time.process_time(), time.perf_counter()
+        c1, t1, f1 = time.process_time(), time.perf_counter(), _faults()
         for sigma in keep["sigmas"]:
             keep["denoise"](x, sigma)
         bare, bare_cpu = time.perf_counter() - t1, time.process_time() - c1
+        bare_faults = _faults() - f1
     ref = None
     with h5py.File(scan, "r") as f:
         ref = f["reconstruction_rss"][0] if "reconstruction_rss" in f else f["ground_truth"][0]
@@ -115,7 +131,8 @@ def run_child(kind: str, scan: str, out: str, steps: int | None, threads: int,
         "whole": whole, "whole_cpu": whole_cpu, "setup": t_setup[0], "prior_load": t_prior[0],
         "solve": solve, "network": net.seconds, "network_calls": net.calls,
         "operator": op.seconds, "operator_calls": op.calls, "bare": bare,
-        "bare_cpu": bare_cpu, "nfe": int(a["nfe"]), "x_shape": list(keep["x_shape"]),
+        "bare_cpu": bare_cpu, "network_faults": keep["faults"], "bare_faults": bare_faults,
+        "nfe": int(a["nfe"]), "x_shape": list(keep["x_shape"]),
         "psnr": psnr, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         "solver": summary.get("solver"), "prior": str(a["prior"]),
         "steps": int(a["solver_options"]["steps"]), "coils": a.get("coil_compression")}))
@@ -147,7 +164,11 @@ def whole_rows(jobs: list[tuple[str, str, Path, int | None, str]], threads: int,
                "network s": r["network"], "data consistency s": r["solve"] - r["network"],
                "operator s (calls)": f"{fmt(r['operator'])} ({r['operator_calls']})",
                "other s": other, "bare network s": r["bare"],
-               "bare network CPU s": r["bare_cpu"], "whole / bare": r["whole"] / r["bare"],
+               "bare network CPU s": r["bare_cpu"],
+               "page faults / network call (run, bare)": ", ".join(
+                   f"{r[k] / max(r['network_calls'], 1):.0f}"
+                   for k in ("network_faults", "bare_faults")),
+               "whole / bare": r["whole"] / r["bare"],
                "whole / bare (CPU)": r["whole_cpu"] / r["bare_cpu"],
                "solve / bare": r["solve"] / r["bare"], "peak RSS GB": r["peak_rss_gb"],
                "PSNR dB": r["psnr"]}

@@ -53,8 +53,11 @@ operator = time inside the scan operators' A / A^T (wrappers likewise; outermost
 only); data consistency = solve - network (CG with its operator calls, renoising, the
 residual diagnostic); other = whole - set-up - solve (prior load, plan, input checksum,
 result writing). The bare network is then timed in the same process on a tensor of the
-same shape for the same number of calls at the run's own noise levels; ratio = whole run /
-bare network (the issue's whole-run / network-bound). ``--ct-steps S`` runs the CT rows with
+same shape for the same number of calls at the run's own noise levels, with the run's
+allocator settings (``pipeline.concurrency.kept_memory``: after the run glibc returns freed
+memory to the kernel again, and a bare loop would then fault its activations in on every
+call, flattering the ratio; the table gives the minor page faults per network call in the
+run and bare); ratio = whole run / bare network (the issue's whole-run / network-bound). ``--ct-steps S`` runs the CT rows with
 S DDS steps instead of the default run's (``pipeline.options.DEFAULT_STEPS``; at 720 views
 one DDS step costs 13 applications of the CT operator per draw): the table then also gives
 the figures of the default's T steps extrapolated as whole + (T - S) x step, step = (solve -
