@@ -305,7 +305,7 @@ def ct(img_size, *, views: int | None = None, angles=None, angle_range: float | 
     ``n_detectors`` defaults to the count whose fan just covers that circle; ``step`` is the
     ray sampling step in pixels. ``chunk_samples`` bounds the ray samples held at once.
     ``normal``: DDS's A^T A in its loop: "toeplitz" (``operators.ct_normal``; full scans with >=
-    N / 2 views per pi), "exact" or "auto" (toeplitz there on parallel beam; fan lost ~1 dB).
+    N / 2 views per pi), "exact" or "auto" (toeplitz where it is allowed).
     """
     if isinstance(img_size, (int, np.integer)):
         img_size = (int(img_size), int(img_size))
@@ -349,7 +349,7 @@ def ct(img_size, *, views: int | None = None, angles=None, angle_range: float | 
     if normal not in ("auto", "toeplitz", "exact") or (normal == "toeplitz" and not fit):
         raise ValueError(f"ct: normal must be auto, toeplitz or exact ('toeplitz' needs a full "
                          f"scan with >= N/2 views per pi), got {normal!r}.")
-    normal = ("toeplitz" if fit and not fan else "exact") if normal == "auto" else normal
+    normal = ("toeplitz" if fit else "exact") if normal == "auto" else normal
     if not chunk_samples >= 1:
         raise ValueError(f"ct: chunk_samples must be >= 1, got {chunk_samples!r}.")
     return _CT(h, angles, n_det, step_angle, geo, dtype, resolve_device(device),

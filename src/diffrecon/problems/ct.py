@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from diffrecon.operators._common import with_noise_sigma
+from diffrecon.recon.common import attach_data_image, data_image, fast_normal
 
 from .normalise import scan_normaliser
 from .problem import Problem
@@ -32,6 +33,8 @@ def load_ct(path, prior=None, slices=None, *, device="cpu") -> Problem:
         norms.append(norm)
         phys.append(with_noise_sigma(physics, norm.to_prior(scan.noise_sigma), "ct"))
         ys.append(norm.to_prior(y))
+        if fast_normal(physics):  # DDS's x_d, computed once (the normaliser's, if it ran)
+            attach_data_image(phys[-1], ys[-1], norm.to_prior(data_image(physics, y)))
     meta = {"views": int(scan.angles.size), "noise_sigma": scan.noise_sigma,
             "angle_range_deg": float(np.degrees(np.ptp(scan.angles)))}
     return Problem(Path(path), "ct", sel, ys, phys, norms, 1, rule, None, meta)

@@ -73,7 +73,7 @@ def least_squares_level(physics, y: torch.Tensor, complex_channels: bool = False
     CG iterations on A^T A x = A^T y in float64 from zero (early stopping regularises it).
     Where the physics selects a fast approximate A^T A, K (``recon.common.fast_normal``: CT
     ``normal="toeplitz"``), the CG runs on K x = K x_d instead, x_d = ``recon.common.
-    data_image`` (7 operator calls, memoised: DDS reuses it), not on 2 ``iters`` + 1 exact
+    data_image`` (7 operator calls; the CT loader hands it to DDS), not on 2 ``iters`` + 1 exact
     calls: the level agrees with the exact one to 0.3% (VALIDATION MNI / dipy slices, 128
     px, 180 views; RESULTS.md). ``complex_channels``: the image's 2 channels are (real,
     imaginary) and the level is taken of the magnitude."""

@@ -267,31 +267,38 @@ def fast_normal(physics) -> bool:
     return getattr(getattr(physics, "physics", physics), "normal", "exact") != "exact"
 
 
-DATA_IMAGES_KEPT = 4  # memoised data images per physics (one per slice; 1 MB at 512 px)
-
-
 def data_image(physics, y: Tensor) -> Tensor:
     """x_d: A_dagger y refined ``DATA_REFINEMENTS`` times by x_d += A_dagger(y - A x_d) (one
     A and one A_dagger each), the least-squares-like image behind ``approximate_normal``.
-    Memoised on the physics (and on its shallow copies made afterwards) for its last
-    ``DATA_IMAGES_KEPT`` measurements: a y proportional to a memoised y' (y = c y' to 1e-5
-    relative, e.g. the same sinogram in prior units after the normaliser used it in file
-    units; x_d is linear in y) gets c x_d' without operator calls. One host sync."""
+    Computed once per measurement: a physics that carries it for y (``attach_data_image``:
+    the CT loader, which computes it for the normaliser; rows of a stacked physics each
+    their own slice's) returns it without operator calls, so a slice's solve gets the same
+    bits alone or in a batch; the last computation is kept on the physics (its shallow
+    copies made afterwards see it too) for the same y. One host sync."""
     base = getattr(physics, "physics", physics)  # unwrap the solver's counting proxy
-    memo = base.__dict__.setdefault("_data_images", [])
-    y64 = y.to(torch.float64)
-    for y_m, x_m in memo:
-        if y_m.shape == y.shape and y_m.device == y.device:
-            c = bdot(y64.flatten()[None], y_m.flatten()[None]) / bdot(
-                y_m.flatten()[None], y_m.flatten()[None]).clamp_min(torch.finfo(y64.dtype).tiny)
-            if float((y64 - c * y_m).norm()) <= 1e-5 * float(y64.norm()):
-                return (c * x_m).to(y.dtype)
+    known = base._buffers.get("data_measurement")  # (1 or B, ...): rows may repeat it
+    if (known is not None and known.shape[1:] == y.shape[1:] and known.shape[0] in (1, len(y))
+            and torch.equal(known.expand_as(y), y.to(known.dtype))):
+        x_d = base._buffers["data_image"].to(y.dtype)
+        return x_d.expand(len(y), *x_d.shape[1:])
+    memo = base.__dict__.setdefault("_data_image_memo", [])
+    if memo and memo[0][0].shape == y.shape and memo[0][0].dtype == y.dtype and torch.equal(
+            memo[0][0], y):
+        return memo[0][1]
     x_d = base.A_dagger(y)
     for _ in range(DATA_REFINEMENTS):
         x_d = x_d + base.A_dagger(y - base.A(x_d))
-    memo.append((y64, x_d.to(torch.float64)))
-    del memo[:-DATA_IMAGES_KEPT]
+    memo[:] = [(y, x_d)]
     return x_d
+
+
+def attach_data_image(physics, y: Tensor, x_d: Tensor):
+    """Let ``data_image(physics, y)`` return ``x_d`` (buffers ``data_measurement`` and
+    ``data_image``, which ``problems.stack_physics`` concatenates per slice); returns
+    physics."""
+    physics.register_buffer("data_measurement", y, persistent=False)
+    physics.register_buffer("data_image", x_d, persistent=False)
+    return physics
 
 
 def relative_residual(physics, x: Tensor, y: Tensor) -> Tensor:
