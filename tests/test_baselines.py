@@ -276,6 +276,23 @@ def test_cg_sense_stops_by_discrepancy(mri_mni_problem, deblur_problem):
     assert rec.info["stop_rule"][0] in ("discrepancy", "plateau")
 
 
+def test_floor_only_where_the_misfit_is_not_measured(mri_mni_problem, deblur_problem):
+    """Near-noiseless data (sigma 1e-5): on 8-coil 4x MRI (m >= 1.5 n) the least-squares fit
+    measures the misfit and sets the target, 1 + kappa_measured above it and far under the
+    1% floor; on deblurring (m = n, nothing measured) the floor still sets it."""
+    from diffrecon.recon.tuning import MRI_RULE, residual_target
+
+    rule = {k: MRI_RULE[k] for k in ("tau", "kappa", "kappa_measured", "rel_floor")}
+    x, phys, _ = mri_mni_problem
+    t = residual_target(phys, phys.A(x), sigma=1e-5, **rule)
+    assert t.rule == ["mismatch"] and t.rel[0] < 0.5 * MRI_RULE["rel_floor"]  # 0.0027
+    assert t.rel[0] == pytest.approx((1 + MRI_RULE["kappa_measured"]) * t.ls_residual[0],
+                                     rel=1e-9)
+    x, phys, _ = deblur_problem
+    t = residual_target(phys, phys.A(x), sigma=1e-5, **rule)
+    assert t.rule == ["floor"] and t.rel[0] == MRI_RULE["rel_floor"]
+
+
 def test_auto_tv_beats_zero_filled_on_anatomy(mri_mni_problem):
     """Auto TV (sigpy ADMM) on the 48 px MNI slice (not the reserved Shepp-Logan), 8 coils,
     4x, noise 0.01: measured zero-filled 17.4 dB, auto TV 23.5 dB at lam 1.0e-3 (lam / 4,
