@@ -193,9 +193,9 @@ with kept_memory():
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_kept_memory_keeps_freed_memory_for_reuse():
     """Within kept_memory, cycles of 80 MiB written and freed reuse the memory of the first
-    (under glibc's defaults the same cycles fault all 20,480 pages in again at least the
-    first three times, later ones depending on the heap's layout: the DDS step pattern,
-    concurrency docstring); the thresholds are set and restored as documented."""
+    (under glibc's defaults the same cycles fault all 20,480 pages in again at least twice,
+    later ones depending on the heap's layout: the DDS step pattern, concurrency
+    docstring)."""
     out = subprocess.run([sys.executable, "-c", KEPT], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
     faults = [int(v) for v in out.stdout.split()]
