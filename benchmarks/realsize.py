@@ -59,12 +59,12 @@ memory to the kernel again, and a bare loop would then fault its activations in 
 call, flattering the ratio; the table gives the minor page faults per network call in the
 run and bare); ratio = whole run / bare network (the issue's whole-run / network-bound).
 ``--ct-steps S`` runs the CT rows with S DDS steps instead of the default run's
-(``pipeline.options.DEFAULT_STEPS``; at 720 views one DDS step costs 13 applications of the
-CT operator per draw): the table then also gives the figures of the default's T steps
-extrapolated as whole + (T - S) x step, step = (solve - the solve's 3 operator calls outside
-the step loop) / S, against T / S times the bare network. Times are wall seconds
-(``time.perf_counter``) with the process CPU seconds alongside: on a shared machine the wall
-time includes waiting for a core.
+(``pipeline.options.DEFAULT_STEPS``; at 720 views a DDS step on the exact operator costs 13
+applications of the CT projector per draw, one on the FFT normal operator none): the table
+then also gives the figures of the default's T steps extrapolated as whole + (T - S) x step,
+step = (solve - the solve's 3 operator calls outside the step loop) / S, against T / S times
+the bare network. Times are wall seconds (``time.perf_counter``) with the process CPU
+seconds alongside: on a shared machine the wall time includes waiting for a core.
 
 Per-step split (``--parts step-split``): process CPU seconds, in one process, of one
 network call and one DDS data-consistency step on the real-size shapes (MRI 320 x 320 with
