@@ -46,6 +46,7 @@ from .common import (
     bview,
     cg,
     ddim_fresh_fraction,
+    fast_normal,
     normal_operator,
     relative_residual,
     renoise,
@@ -172,8 +173,7 @@ class DDSSolver(Solver):
         sigmas = self._sigmas(ctx.prior, y.device)
         denoise = self._denoiser(ctx)            # (z, sigma) -> (x0_hat, eps_hat)
         consistency = self._consistency(y, ctx)  # (x0_hat, sigma, final) -> x0'
-        base = getattr(ctx.physics, "physics", ctx.physics)  # behind the counting proxy
-        every = 1 if getattr(base, "normal", "exact") == "exact" else RESIDUAL_EVERY
+        every = RESIDUAL_EVERY if fast_normal(ctx.physics) else 1
         residuals: list[Tensor] = []
         z = sigmas[0].to(y.dtype) * ctx.noise.randn(*shape)
         n = sigmas.shape[0] - 1
