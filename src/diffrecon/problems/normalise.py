@@ -77,12 +77,12 @@ def least_squares_level(physics, y: torch.Tensor, complex_channels: bool = False
     calls: the level agrees with the exact one to 0.3% (VALIDATION MNI / dipy slices, 128
     px, 180 views; RESULTS.md). ``complex_channels``: the image's 2 channels are (real,
     imaginary) and the level is taken of the magnitude."""
-    from diffrecon.recon.common import cg, data_image, fast_normal, physics_in_dtype
+    from diffrecon.recon.common import approximate_normal, cg, physics_in_dtype
 
     with torch.no_grad():
-        if fast_normal(physics):
-            k = getattr(physics, "physics", physics).A_adjoint_A_approx
-            x = cg(k, k(data_image(physics, y).to(torch.float64)), iters=iters)
+        fast = approximate_normal(physics, y, dtype=torch.float64)  # (K, K x_d) or None
+        if fast is not None:
+            x = cg(*fast, iters=iters)
         else:
             phys = physics_in_dtype(physics, torch.float64)
             y64 = y.to(torch.float64)

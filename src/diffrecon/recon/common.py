@@ -248,18 +248,22 @@ def normal_operator(physics) -> Callable[[Tensor], Tensor]:
 DATA_REFINEMENTS = 3
 
 
-def approximate_normal(physics, y: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor] | None:
+def approximate_normal(physics, y: Tensor, dtype: torch.dtype | None = None
+                       ) -> tuple[Callable[[Tensor], Tensor], Tensor] | None:
     """(K, K x_d): the physics' fast approximate x -> A^T A x when its ``normal`` option
     selects one (``operators.ct``: "toeplitz", an FFT convolution), and the right-hand side
     that stands for A^T y with it, else None. x_d = ``data_image(physics, y)``. K x_d, not
     A^T y: the exact A^T y is not consistent with K (K x != A^T A x at high frequencies), and
     CG amplifies that mismatch where K is small (100%+ image errors after 5 iterations); with
     K x_d the data term is ||x - x_d||_K^2, stable. For solvers that end on the exact
-    operator or accept K's model (DDS); ``normal_operator`` stays exact."""
+    operator or accept K's model (DDS; the normaliser's level, in float64 via ``dtype``:
+    K x_d is then formed in that dtype); ``normal_operator`` stays exact."""
     if not fast_normal(physics):
         return None
     base = getattr(physics, "physics", physics)  # unwrap the solver's counting proxy
-    return base.A_adjoint_A_approx, base.A_adjoint_A_approx(data_image(physics, y))
+    x_d = data_image(physics, y)
+    return base.A_adjoint_A_approx, base.A_adjoint_A_approx(
+        x_d if dtype is None else x_d.to(dtype))
 
 
 def fast_normal(physics) -> bool:
