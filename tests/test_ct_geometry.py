@@ -16,7 +16,7 @@ from deepinv.physics import Tomography
 from diffrecon.datasets.ct import CTScan, prior_scales, read_ct_scan, write_ct_scan
 from diffrecon.datasets.simulate import fan_defaults, simulate_ct
 from diffrecon.errors import InputError
-from diffrecon.operators import adjointness_error, ct
+from diffrecon.operators import _ct_kernels, adjointness_error, ct
 from diffrecon.operators.ct import check_angles, default_detectors, rotation_centre
 
 FAN = {"geometry": "fan", "source_to_isocentre_mm": 100.0, "source_to_detector_mm": 180.0,
@@ -53,7 +53,10 @@ def _chords(p, cy: float, cx: float, r: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize("detector", ["flat", "curved"])
-def test_fan_adjoint_exact_across_chunks(detector):
+def test_fan_adjoint_exact_across_chunks(monkeypatch, detector):
+    """The chunked ``grid_sample`` path (other devices than the CPU, where ``_ct_kernels``
+    runs; forced here)."""
+    monkeypatch.setattr(_ct_kernels, "supported", lambda t: False)
     p = ct(24, views=10, detector=detector, dtype=torch.float64, chunk_samples=3000, **FAN)
     assert len(p._chunks(2)) > 2  # several chunks of views
     assert adjointness_error(p, (2, 1, 24, 24), torch.float64) < 1e-12
