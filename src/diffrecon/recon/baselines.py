@@ -227,14 +227,18 @@ def _power_norm(normal: Callable[[Tensor], Tensor], like: Tensor, iters: int = 2
 def _fista_tv(y: Tensor, physics, lam, iters: int) -> Tensor:
     """FISTA on 1/2 ||A x - y||^2 + lam TV(x), TV prox by deepinv's ``TVPrior`` (Chambolle-
     Pock inner loop); any linear physics on images (B, C, H, W). ``lam``: a float or (B,)
-    tensor."""
+    tensor. Starts from the physics' filtered back-projection where it has one (CT), else
+    from A^T y / ||A^T A||: on CT, A^T A's spectrum falls as 1 / |frequency|, so 50 gradient
+    steps from A^T y leave the fine detail unresolved whatever lam (VALIDATION, 128 px, 180
+    views: TV 24.9 dB at every lam against FBP 33.8; from the FBP, 34.9 at the best lam)."""
     from deepinv.optim import TVPrior
 
     tv = TVPrior(n_it_max=20)
     normal = normal_operator(physics)
     aty = physics.A_adjoint(y)
     step = 1.0 / _power_norm(normal, aty)
-    x = aty.clone() * step
+    fbp = getattr(getattr(physics, "physics", physics), "fbp", None)
+    x = fbp(y) if fbp is not None else aty.clone() * step
     if isinstance(lam, Tensor):
         lam = lam.to(device=aty.device, dtype=aty.dtype)
     v, t = x, 1.0
@@ -294,8 +298,8 @@ class L1WaveletSolver(_Deterministic):
 @dataclass(frozen=True)
 class TVOptions:
     """tv: ``lam`` 'auto' (discrepancy principle, recon/tuning.py) or a weight >= 0; ``iters``
-    (50); ``rho`` (0.03, ADMM); ``tau`` (None: tuning.MRI_RULE / FISTA_RULE); ``max_solves``
-    (5); ``search_iters`` (15: ADMM iterations of the search solves, MRI)."""
+    (50); ``rho`` (0.03, ADMM); ``tau`` (None: tuning.MRI_RULE / CT_RULE / FISTA_RULE);
+    ``max_solves`` (5); ``search_iters`` (15: ADMM iterations of the search solves, MRI)."""
 
     lam: float | str = "auto"  # TV weight, or 'auto': discrepancy principle (tuning.tune)
     iters: int = 50         # ADMM iterations (MRI) or FISTA iterations (other physics)
@@ -339,7 +343,9 @@ class TVSolver(_Deterministic):
 
             def run(lam):
                 return _fista_tv(y, physics, lam, o.iters)
-            rule, search = tuning.FISTA_RULE, None  # FISTA's residual settles late
+            ct = hasattr(getattr(physics, "physics", physics), "fbp")  # started from the FBP
+            rule = tuning.CT_RULE if ct else tuning.FISTA_RULE
+            search = None  # FISTA's residual settles late
         rule = rule if o.tau is None else {**rule, "tau": o.tau}
         x, info = tuning.tune(run, physics, y, o.lam, **rule, max_solves=o.max_solves,
                               search=search)
