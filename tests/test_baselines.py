@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -320,3 +322,6 @@ def test_auto_tv_beats_fbp_on_a_full_ct_scan():
     rec = TVSolver().solve(y, phys)
     assert psnr(rec.mean, x) > fbp + 1.0
     assert rec.info["lam_rule"] == ["discrepancy/noise"]
+    # sparse-view and limited-angle scans keep the A^T y start and FISTA_RULE
+    assert phys.full_scan and not ct(64, views=20).full_scan
+    assert not ct(64, views=96, angle_range=math.pi / 2).full_scan

@@ -376,8 +376,10 @@ def ct(img_size, *, views: int | None = None, angles=None, angle_range: float | 
     normal = ("toeplitz" if fit else "exact") if normal == "auto" else normal
     if not chunk_samples >= 1:
         raise ValueError(f"ct: chunk_samples must be >= 1, got {chunk_samples!r}.")
-    return _CT(h, angles, n_det, step_angle, geo, dtype, resolve_device(device),
-               gaussian_noise(noise_sigma, "ct"), chunk_samples, normal)
+    physics = _CT(h, angles, n_det, step_angle, geo, dtype, resolve_device(device),
+                  gaussian_noise(noise_sigma, "ct"), chunk_samples, normal)
+    physics.full_scan = fit  # full angular range, >= N / 2 views per pi: FBP is close to x
+    return physics
 
 
 def _fan_geometry(n, dso, dsd, du, pixel, detector, step) -> dict:

@@ -224,21 +224,21 @@ def _power_norm(normal: Callable[[Tensor], Tensor], like: Tensor, iters: int = 2
     return w.flatten().norm() / v.flatten().norm()
 
 
-def _fista_tv(y: Tensor, physics, lam, iters: int) -> Tensor:
+def _fista_tv(y: Tensor, physics, lam, iters: int, from_fbp: bool = False) -> Tensor:
     """FISTA on 1/2 ||A x - y||^2 + lam TV(x), TV prox by deepinv's ``TVPrior`` (Chambolle-
     Pock inner loop); any linear physics on images (B, C, H, W). ``lam``: a float or (B,)
-    tensor. Starts from the physics' filtered back-projection where it has one (CT), else
-    from A^T y / ||A^T A||: on CT, A^T A's spectrum falls as 1 / |frequency|, so 50 gradient
-    steps from A^T y leave the fine detail unresolved whatever lam (VALIDATION, 128 px, 180
-    views: TV 24.9 dB at every lam against FBP 33.8; from the FBP, 34.9 at the best lam)."""
+    tensor. Starts from A^T y / ||A^T A||, or with ``from_fbp`` from the physics' filtered
+    back-projection (CT full scans: A^T A's spectrum falls as 1 / |frequency|, so 50
+    gradient steps from A^T y leave the fine detail unresolved whatever lam; VALIDATION,
+    128 px, 180 views: TV 24.9 dB at every lam against FBP 33.8, from the FBP 34.9 at the
+    best lam)."""
     from deepinv.optim import TVPrior
 
     tv = TVPrior(n_it_max=20)
     normal = normal_operator(physics)
     aty = physics.A_adjoint(y)
     step = 1.0 / _power_norm(normal, aty)
-    fbp = getattr(getattr(physics, "physics", physics), "fbp", None)
-    x = fbp(y) if fbp is not None else aty.clone() * step
+    x = getattr(physics, "physics", physics).fbp(y) if from_fbp else aty.clone() * step
     if isinstance(lam, Tensor):
         lam = lam.to(device=aty.device, dtype=aty.dtype)
     v, t = x, 1.0
@@ -341,10 +341,14 @@ class TVSolver(_Deterministic):
                 raise ValueError(f"tv: physics must act on images (B, C, H, W), got signals "
                                  f"{tuple(shape)}.")
 
+            # CT full scans (``operators.ct``: full range, >= N / 2 views per pi): from the
+            # FBP, with CT_RULE (RESULTS.md 0a3; sparse and limited-angle scans keep A^T y
+            # and FISTA_RULE: at 256 px the FBP start lost SSIM there)
+            full_ct = bool(getattr(getattr(physics, "physics", physics), "full_scan", False))
+
             def run(lam):
-                return _fista_tv(y, physics, lam, o.iters)
-            ct = hasattr(getattr(physics, "physics", physics), "fbp")  # started from the FBP
-            rule = tuning.CT_RULE if ct else tuning.FISTA_RULE
+                return _fista_tv(y, physics, lam, o.iters, from_fbp=full_ct)
+            rule = tuning.CT_RULE if full_ct else tuning.FISTA_RULE
             search = None  # FISTA's residual settles late
         rule = rule if o.tau is None else {**rule, "tau": o.tau}
         x, info = tuning.tune(run, physics, y, o.lam, **rule, max_solves=o.max_solves,

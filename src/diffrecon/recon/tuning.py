@@ -305,13 +305,11 @@ def tune(run: Callable[[Tensor | float], Tensor], physics, y: Tensor, lam, *, ta
 MRI_RULE = {"tau": 0.9, "kappa": 0.07, "kappa_measured": 0.03, "rel_floor": 0.01,
             "rtol": 0.01}
 FISTA_RULE = {"tau": 1.1, "kappa": None, "rel_floor": 0.025, "rtol": 0.05}
-# FISTA-TV on CT, started from the FBP (session 11; VALIDATION: MNI ax80 / cor120, piesno 7,
-# aniso 12 at 128 px, skimage-radon parallel beam, noise 0.02 and 0): the FBP start makes
-# the fit reach the noise level, and FISTA_RULE's 2.5% floor then sat far above it (30
-# views: auto 26.0 dB against 28.4 at the best lam; noiseless 26.0 against 28.3 with a 1%
-# floor). 1% floor: 30 views -0.07 dB from the best lam, 8 views -0.76 (2.5%: -0.18), 60
-# views over 90 degrees -0.05. On full scans (m >= 1.5 n) the least-squares misfit is
-# measured (kappa, as MRI_RULE) and replaces the floor: 180 views 34.87 dB (best lam 34.85,
-# FBP 33.76), noiseless 36.99.
+# FISTA-TV on CT full scans, started from the FBP (session 11; VALIDATION: MNI ax80 / cor120,
+# piesno 7, aniso 12 at 128 px, skimage-radon parallel beam, noise 0.02 and 0): the FBP
+# start makes the fit reach the noise level, and FISTA_RULE's 2.5% floor then sat far above
+# it; where the least-squares misfit is measured (m >= 1.5 n) it replaces the floor (kappa,
+# as MRI_RULE): 180 views 34.87 dB (best lam 34.85, FBP 33.76; before 24.82), noiseless
+# 36.99. The 1% floor applies to full scans with fewer views (< 1.06 N per pi at N px).
 CT_RULE = {"tau": 1.1, "kappa": 0.07, "kappa_measured": 0.03, "rel_floor": 0.01, "rtol": 0.05}
 CG_KAPPA = 0.05
