@@ -98,3 +98,35 @@ def test_range_message_states_the_options_kind_not_the_values(solver, option, va
 
     with pytest.raises(ValueError, match=expected):
         solver_class(solver)(**{option: value})
+
+
+def test_a_swallowed_interrupt_still_stops_the_batch(tmp_path, monkeypatch):
+    """A signal whose exception is lost on the way (raised inside code that ignores
+    exceptions, e.g. a finalizer the garbage collector runs at that moment) still stops the
+    batch before its next file, with the finished result kept."""
+    import signal
+
+    from diffrecon.errors import Interrupted
+    from diffrecon.pipeline import batch
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(3):
+        simulate_mri(d / f"s{i}.h5", size=16, slices=1, coils=2, center_fraction=0.25,
+                     noise=0.01, seed=i)
+    real, calls = batch.reconstruct_planned, []
+
+    def then_a_lost_signal(plan, progress):
+        out = real(plan, progress)
+        calls.append(plan)
+        try:
+            signal.raise_signal(signal.SIGTERM)  # the handler raises Interrupted here ...
+        except BaseException:  # noqa: BLE001 - ... and this swallows it
+            pass
+        return out
+
+    monkeypatch.setattr(batch, "reconstruct_planned", then_a_lost_signal)
+    with pytest.raises(Interrupted, match="stopped by SIGTERM"):
+        batch.reconstruct_many([d], tmp_path / "out", solver="zero-filled")
+    assert len(calls) == 1
+    assert len(list((tmp_path / "out").glob("*_recon.h5"))) == 1

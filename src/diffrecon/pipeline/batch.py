@@ -165,6 +165,7 @@ def stop_on_signals() -> Iterator[None]:
         yield
         return
     previous = {}
+    _RECEIVED.clear()
     for sig in (signal.SIGTERM, signal.SIGINT):
         if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
             previous[sig] = signal.signal(sig, _raise_interrupted)
@@ -173,10 +174,26 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        _RECEIVED.clear()
+
+
+# Signals received inside stop_on_signals. The handler's exception can be swallowed where
+# Python ignores exceptions (a finalizer or weakref callback the garbage collector runs at
+# that moment prints "Exception ignored in ..." and goes on); raise_if_interrupted, called
+# between files, stops the run then.
+_RECEIVED: list[int] = []
 
 
 def _raise_interrupted(signum, frame):
+    _RECEIVED.append(signum)
     raise Interrupted(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raise ``errors.Interrupted`` if a signal arrived inside :func:`stop_on_signals`
+    whose exception was lost on the way."""
+    if _RECEIVED:
+        raise Interrupted(_RECEIVED[0])
 
 
 def reconstruct_many(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
@@ -225,6 +242,7 @@ def reconstruct_many(inputs: Sequence[str | os.PathLike], output: str | os.PathL
                          if i % world == rank]
                 local = []
                 while queue:
+                    raise_if_interrupted()
                     i, f, target, wait = queue.pop(0)
                     try:  # a failing file does not stop the others
                         with warnings_unless_failed(), planned(f, target, opts, progress,
@@ -237,6 +255,7 @@ def reconstruct_many(inputs: Sequence[str | os.PathLike], output: str | os.PathL
                         local.append((i, failure(exc)))
                     if peers is not None:
                         peers.check()  # a lost rank stops this one (RankLost)
+                raise_if_interrupted()
                 if world > 1:
                     local = [item for part in peers.all_gather(local) for item in part]
                 records = [r for _, r in sorted(local, key=lambda t: t[0])]
