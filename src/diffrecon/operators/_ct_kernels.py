@@ -55,23 +55,54 @@ def _range(ox, oy, dx, dy, n, n_samples):
 
 
 @njit(cache=True, inline="always")
-def _ray_sum(img, ox, oy, dx, dy, k0, k1):
-    n, acc = img.shape[0], 0.0
-    for k in range(k0, k1):
-        x, y = ox + k * dx, oy + k * dy
-        xf, yf = math.floor(x), math.floor(y)
-        ix, iy, fx, fy = int(xf), int(yf), x - xf, y - yf
-        if 0 <= ix < n - 1 and 0 <= iy < n - 1:
-            acc += ((1 - fy) * ((1 - fx) * img[iy, ix, 0] + fx * img[iy, ix + 1, 0])
-                    + fy * ((1 - fx) * img[iy + 1, ix, 0] + fx * img[iy + 1, ix + 1, 0]))
-            continue
-        for jy in range(2):
-            if 0 <= iy + jy < n:
-                wy = fy if jy else 1 - fy
-                for jx in range(2):
-                    if 0 <= ix + jx < n:
-                        acc += wy * (fx if jx else 1 - fx) * img[iy + jy, ix + jx, 0]
+def _cell(x, y):
+    """Pixel (ix, iy) at or left-above (x, y) and the fractions (fx, fy) of the bilinear
+    weights."""
+    xf, yf = math.floor(x), math.floor(y)
+    return int(xf), int(yf), x - xf, y - yf
+
+
+@njit(cache=True, inline="always")
+def _gather(acc, img, ix, iy, fx, fy, p):
+    """acc + the bilinear sample of channel p of img (n, n, P) in cell (ix, iy, fx, fy),
+    zeros outside the image."""
+    n = img.shape[0]
+    if 0 <= ix < n - 1 and 0 <= iy < n - 1:
+        return acc + ((1 - fy) * ((1 - fx) * img[iy, ix, p] + fx * img[iy, ix + 1, p])
+                      + fy * ((1 - fx) * img[iy + 1, ix, p] + fx * img[iy + 1, ix + 1, p]))
+    for jy in range(2):
+        if 0 <= iy + jy < n:
+            wy = fy if jy else 1 - fy
+            for jx in range(2):
+                if 0 <= ix + jx < n:
+                    acc += wy * (fx if jx else 1 - fx) * img[iy + jy, ix + jx, p]
     return acc
+
+
+@njit(cache=True, inline="always")
+def _scatter(out, ix, iy, fx, fy, values, r):
+    """The transpose of :func:`_gather` for every channel: add values[r, p] times the
+    bilinear weights of cell (ix, iy, fx, fy) to out[..., p] (n, n, P), inside the image
+    only."""
+    n, p_count = out.shape[0], out.shape[2]
+    if 0 <= ix < n - 1 and 0 <= iy < n - 1:
+        w00, w01 = (1 - fy) * (1 - fx), (1 - fy) * fx
+        w10, w11 = fy * (1 - fx), fy * fx
+        for p in range(p_count):
+            v = values[r, p]
+            out[iy, ix, p] += w00 * v
+            out[iy, ix + 1, p] += w01 * v
+            out[iy + 1, ix, p] += w10 * v
+            out[iy + 1, ix + 1, p] += w11 * v
+        return
+    for jy in range(2):
+        if 0 <= iy + jy < n:
+            wy = fy if jy else 1 - fy
+            for jx in range(2):
+                if 0 <= ix + jx < n:
+                    w = wy * (fx if jx else 1 - fx)
+                    for p in range(p_count):
+                        out[iy + jy, ix + jx, p] += w * values[r, p]
 
 
 @njit(nogil=True, cache=True)
@@ -79,56 +110,27 @@ def _project(img, ox, oy, dx, dy, n_samples, out, r0, r1):
     n, p_count = img.shape[0], img.shape[2]
     for r in range(r0, r1):
         k0, k1 = _range(ox[r], oy[r], dx[r], dy[r], n, n_samples)
-        if p_count == 1:  # one image: the sum stays in a register
-            out[r, 0] = _ray_sum(img, ox[r], oy[r], dx[r], dy[r], k0, k1)
+        if p_count == 1:  # one image: the sum stays in a register (same bits as below)
+            acc = 0.0
+            for k in range(k0, k1):
+                ix, iy, fx, fy = _cell(ox[r] + k * dx[r], oy[r] + k * dy[r])
+                acc = _gather(acc, img, ix, iy, fx, fy, 0)
+            out[r, 0] = acc
             continue
         for k in range(k0, k1):
-            x, y = ox[r] + k * dx[r], oy[r] + k * dy[r]
-            xf, yf = math.floor(x), math.floor(y)
-            ix, iy, fx, fy = int(xf), int(yf), x - xf, y - yf
-            if 0 <= ix < n - 1 and 0 <= iy < n - 1:  # as _ray_sum: the same bits
-                for p in range(p_count):
-                    out[r, p] += ((1 - fy) * ((1 - fx) * img[iy, ix, p] + fx * img[iy, ix + 1, p])
-                                  + fy * ((1 - fx) * img[iy + 1, ix, p]
-                                          + fx * img[iy + 1, ix + 1, p]))
-                continue
-            for jy in range(2):
-                if 0 <= iy + jy < n:
-                    wy = fy if jy else 1 - fy
-                    for jx in range(2):
-                        if 0 <= ix + jx < n:
-                            w = wy * (fx if jx else 1 - fx)
-                            for p in range(p_count):
-                                out[r, p] += w * img[iy + jy, ix + jx, p]
+            ix, iy, fx, fy = _cell(ox[r] + k * dx[r], oy[r] + k * dy[r])
+            for p in range(p_count):
+                out[r, p] = _gather(out[r, p], img, ix, iy, fx, fy, p)
 
 
 @njit(nogil=True, cache=True)
 def _backproject(values, ox, oy, dx, dy, n_samples, out, r0, r1):
-    n, p_count = out.shape[0], out.shape[2]
+    n = out.shape[0]
     for r in range(r0, r1):
         k0, k1 = _range(ox[r], oy[r], dx[r], dy[r], n, n_samples)
         for k in range(k0, k1):
-            x, y = ox[r] + k * dx[r], oy[r] + k * dy[r]
-            xf, yf = math.floor(x), math.floor(y)
-            ix, iy, fx, fy = int(xf), int(yf), x - xf, y - yf
-            if 0 <= ix < n - 1 and 0 <= iy < n - 1:
-                w00, w01 = (1 - fy) * (1 - fx), (1 - fy) * fx
-                w10, w11 = fy * (1 - fx), fy * fx
-                for p in range(p_count):
-                    v = values[r, p]
-                    out[iy, ix, p] += w00 * v
-                    out[iy, ix + 1, p] += w01 * v
-                    out[iy + 1, ix, p] += w10 * v
-                    out[iy + 1, ix + 1, p] += w11 * v
-                continue
-            for jy in range(2):
-                if 0 <= iy + jy < n:
-                    wy = fy if jy else 1 - fy
-                    for jx in range(2):
-                        if 0 <= ix + jx < n:
-                            w = wy * (fx if jx else 1 - fx)
-                            for p in range(p_count):
-                                out[iy + jy, ix + jx, p] += w * values[r, p]
+            ix, iy, fx, fy = _cell(ox[r] + k * dx[r], oy[r] + k * dy[r])
+            _scatter(out, ix, iy, fx, fy, values, r)
 
 
 def supported(t: torch.Tensor) -> bool:

@@ -99,9 +99,11 @@ class _CT(LinearPhysics):
     """Chunked ray-driven CT projector (see the module docstring); build with :func:`ct`."""
 
     def __init__(self, n: int, angles: torch.Tensor, n_detectors: int, angle_step: float,
-                 geometry: dict, dtype, device, noise_model, chunk_samples: int, normal: str):
+                 geometry: dict, dtype, device, noise_model, chunk_samples: int, normal: str,
+                 full_scan: bool):
         super().__init__(noise_model=noise_model, device=device)
         self.img_width, self.normal = n, normal
+        self.full_scan = full_scan  # full angular range, >= N / 2 views per pi: FBP is close
         self.register_buffer("angles", angles.to(device), persistent=False)
         self.n_detectors = n_detectors
         self.angle_step = angle_step
@@ -376,10 +378,8 @@ def ct(img_size, *, views: int | None = None, angles=None, angle_range: float | 
     normal = ("toeplitz" if fit else "exact") if normal == "auto" else normal
     if not chunk_samples >= 1:
         raise ValueError(f"ct: chunk_samples must be >= 1, got {chunk_samples!r}.")
-    physics = _CT(h, angles, n_det, step_angle, geo, dtype, resolve_device(device),
-                  gaussian_noise(noise_sigma, "ct"), chunk_samples, normal)
-    physics.full_scan = fit  # full angular range, >= N / 2 views per pi: FBP is close to x
-    return physics
+    return _CT(h, angles, n_det, step_angle, geo, dtype, resolve_device(device),
+               gaussian_noise(noise_sigma, "ct"), chunk_samples, normal, fit)
 
 
 def _fan_geometry(n, dso, dsd, du, pixel, detector, step) -> dict:
