@@ -46,6 +46,7 @@ from diffrecon.problems import check_acquisition, load_problem
 from .concurrency import fixed_threads, kept_memory, output_lock
 from .options import (
     DEFAULT_PRIORS,
+    DEFAULT_SAMPLES,
     RunOptions,
     default_solver,
     load_prior,
@@ -96,6 +97,8 @@ def plan_run(input_path, output_path, options: RunOptions) -> Plan:
     check_acquisition(input_path, modality, options.acquisition())
     name = options.solver or default_solver(modality)
     solver = make_solver(name, options)
+    if options.samples is None:
+        options = dataclasses.replace(options, samples=DEFAULT_SAMPLES.get(name, 1))
     if solver.volume:  # a volume in one coupled solve: not what run does (slice by slice)
         raise InputError(f"--solver {name} solves a whole volume at once, which diffrecon run "
                          f"does not do (it solves slices independently); use the Python API: "
