@@ -39,3 +39,33 @@ def test_default_run_is_dds_with_the_pipeline_step_count():
     assert make_solver(name, RunOptions(steps=7)).options.steps == 7
     assert make_solver(name, RunOptions(solver_options={"steps": 9})).options.steps == 9
     assert make_solver("dps", RunOptions()).options.steps != 100  # the others keep theirs
+
+
+@pytest.mark.parametrize("solver, samples, expected", [(None, None, 4), ("dds", None, 4),
+                                                       ("dds", 1, 1), ("tv", None, 1),
+                                                       ("reddiff", None, 1), ("dds", 3, 3)])
+def test_default_draws_resolved_per_solver_and_recorded(tmp_path, solver, samples, expected):
+    """A run without --samples takes the solver's DEFAULT_SAMPLES (DDS: the mean of 4
+    draws), records the resolved count in the result and in its resume digest; the std
+    map is the draws' spread (zero for one draw or a classical solver)."""
+    import h5py
+    import numpy as np
+
+    from diffrecon.datasets.simulate import simulate_mri
+    from diffrecon.pipeline import reconstruct_file
+    from diffrecon.pipeline.options import RunOptions
+    from diffrecon.pipeline.run import plan_run
+
+    scan = simulate_mri(tmp_path / "scan.h5", size=16, slices=1, coils=2, center_fraction=0.3,
+                        seed=0)
+    plan = plan_run(scan, tmp_path / "out.h5", RunOptions(solver=solver, samples=samples))
+    assert plan.options.samples == plan.settings["samples"] == expected
+    if samples is None and solver in (None, "tv"):
+        reconstruct_file(scan, tmp_path / "out.h5", solver=solver,
+                         steps=None if solver else 3, device="cpu")
+        with h5py.File(tmp_path / "out.h5") as f:
+            assert int(f.attrs["num_samples"]) == expected
+            std = f["std"][()]
+            assert np.isfinite(std).all() and (std.max() > 0) == (expected > 1)
+        one = plan_run(scan, tmp_path / "out.h5", RunOptions(solver=solver, samples=1))
+        assert (one.digest == plan.digest) == (expected == 1)  # resume tells them apart
