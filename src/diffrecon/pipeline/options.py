@@ -34,7 +34,9 @@ DEFAULT_STEPS = {"dds": 100}
 # mean, the std map their spread. DDS: 4 draws of 100 steps. The mean of K draws estimates
 # the posterior mean, the PSNR-optimal estimate, and its squared error never exceeds the
 # draws' average (convexity). Gain over one draw on the VALIDATION split (RESULTS.md 0b3):
-# MRI 4x +1.4 dB, 8x +0.7 to +1.2, phantom family +0.9 to +1.8; at 4x the cost (on a CPU).
+# MRI 4x +1.4 dB, 8x +0.7 to +1.2, phantom family +1.1 to +1.8. On a CPU it costs 4x the
+# time (a 640 x 320 fastMRI-style slice: about 2 min with 2 threads, where one draw meets
+# the 60 s target and is 0.2 dB lower); on a GPU the draws run as one batch.
 DEFAULT_SAMPLES = {"dds": 4}
 # Intra-op threads per process when --threads is not given: a constant, not the core count
 # or OMP_NUM_THREADS (torchrun sets 1 per rank), so that a single process and every torchrun
