@@ -33,7 +33,7 @@ from ..operators.coils import rss
 from ..operators.mri import ifft2c
 from . import tuning
 from .base import SolveContext, Solver
-from .common import cg, normal_operator, power_iteration
+from .common import base_physics, cg, normal_operator, power_iteration
 
 
 class _Deterministic(Solver):
@@ -185,7 +185,7 @@ def _mri_parts(physics) -> tuple[np.ndarray, np.ndarray] | None:
     or None when the physics is not Cartesian MRI."""
     from deepinv.physics import MRI, MultiCoilMRI
 
-    base = getattr(physics, "physics", physics)
+    base = base_physics(physics)
     if not isinstance(base, MRI | MultiCoilMRI):
         return None
     mask = base.mask[:, 0].detach().cpu().numpy()  # (B|1, H, W) (channel 0 = channel 1)
@@ -238,7 +238,7 @@ def _fista_tv(y: Tensor, physics, lam, iters: int, from_fbp: bool = False) -> Te
     normal = normal_operator(physics)
     aty = physics.A_adjoint(y)
     step = 1.0 / _power_norm(normal, aty)
-    x = getattr(physics, "physics", physics).fbp(y) if from_fbp else aty.clone() * step
+    x = base_physics(physics).fbp(y) if from_fbp else aty.clone() * step
     if isinstance(lam, Tensor):
         lam = lam.to(device=aty.device, dtype=aty.dtype)
     v, t = x, 1.0
@@ -344,7 +344,7 @@ class TVSolver(_Deterministic):
             # CT full scans (``operators.ct``: full range, >= N / 2 views per pi): from the
             # FBP, with CT_RULE (RESULTS.md 0a3; sparse and limited-angle scans keep A^T y
             # and FISTA_RULE: at 256 px the FBP start lost SSIM there)
-            full_ct = bool(getattr(getattr(physics, "physics", physics), "full_scan", False))
+            full_ct = bool(getattr(base_physics(physics), "full_scan", False))
 
             def run(lam):
                 return _fista_tv(y, physics, lam, o.iters, from_fbp=full_ct)

@@ -211,6 +211,12 @@ def power_iteration(apply: Callable[[Tensor], Tensor], x: Tensor, iters: int
     return x, av
 
 
+def base_physics(physics):
+    """The physics behind the solver's counting proxy (``base.CountingPhysics``), or
+    ``physics`` itself when it is not wrapped."""
+    return getattr(physics, "physics", physics)
+
+
 def operator_norm(physics, x_shape: tuple[int, ...], *, iters: int = 30, dtype=torch.float64,
                   device=None, seed: int = 0) -> float:
     """Largest singular value ||A|| of a linear physics by ``power_iteration`` on A^T A from a
@@ -218,7 +224,7 @@ def operator_norm(physics, x_shape: tuple[int, ...], *, iters: int = 30, dtype=t
     Nonlinear physics (no adjoint) return 1.0."""
     from deepinv.physics import LinearPhysics
 
-    base = getattr(physics, "physics", physics)
+    base = base_physics(physics)
     if not isinstance(base, LinearPhysics):
         return 1.0
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -236,7 +242,7 @@ def normal_operator(physics) -> Callable[[Tensor], Tensor]:
     counting proxy counts both applications)."""
     from deepinv.physics import LinearPhysics
 
-    base = getattr(physics, "physics", physics)  # unwrap the solver's counting proxy
+    base = base_physics(physics)
     if type(base).A_adjoint_A is not LinearPhysics.A_adjoint_A:
         return base.A_adjoint_A
     return lambda x: physics.A_adjoint(physics.A(x))
@@ -260,7 +266,7 @@ def approximate_normal(physics, y: Tensor, dtype: torch.dtype | None = None
     K x_d is then formed in that dtype); ``normal_operator`` stays exact."""
     if not fast_normal(physics):
         return None
-    base = getattr(physics, "physics", physics)  # unwrap the solver's counting proxy
+    base = base_physics(physics)
     x_d = data_image(physics, y)
     return base.A_adjoint_A_approx, base.A_adjoint_A_approx(
         x_d if dtype is None else x_d.to(dtype))
@@ -268,7 +274,7 @@ def approximate_normal(physics, y: Tensor, dtype: torch.dtype | None = None
 
 def fast_normal(physics) -> bool:
     """Whether the physics' ``normal`` option selects its fast approximate A^T A."""
-    return getattr(getattr(physics, "physics", physics), "normal", "exact") != "exact"
+    return getattr(base_physics(physics), "normal", "exact") != "exact"
 
 
 def data_image(physics, y: Tensor) -> Tensor:
@@ -279,7 +285,7 @@ def data_image(physics, y: Tensor) -> Tensor:
     their own slice's) returns it without operator calls, so a slice's solve gets the same
     bits alone or in a batch; the last computation is kept on the physics (its shallow
     copies made afterwards see it too) for the same y. One host sync."""
-    base = getattr(physics, "physics", physics)  # unwrap the solver's counting proxy
+    base = base_physics(physics)
     known = base._buffers.get("data_measurement")  # (1 or B, ...): rows may repeat it
     if (known is not None and known.shape[1:] == y.shape[1:] and known.shape[0] in (1, len(y))
             and torch.equal(known.expand_as(y), y.to(known.dtype))):

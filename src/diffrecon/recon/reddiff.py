@@ -41,7 +41,7 @@ from deepinv.physics import LinearPhysics, Physics
 from torch import Tensor
 
 from .base import SolveContext, Solver, record
-from .common import bdot, cg, measured_entries, tweedie
+from .common import base_physics, bdot, cg, measured_entries, tweedie
 
 NOTE = ("RED-diff returns a MAP-like point estimate per seed; the spread of its samples "
         "reflects only the optimiser's random draws, not posterior uncertainty.")
@@ -114,7 +114,7 @@ def pseudo_inverse(physics, y: Tensor, signal_shape: tuple[int, ...], iters: int
     ``iters`` CG steps on A^T A x = A^T y from zero (the minimum-norm least-squares point),
     stopped at relative residual sqrt(machine eps); zeros for nonlinear physics (no adjoint
     to start from)."""
-    base = getattr(physics, "physics", physics)  # unwrap the solver's counting proxy
+    base = base_physics(physics)
     if not isinstance(base, LinearPhysics):
         return y.new_zeros(y.shape[0], *signal_shape)
     if type(base).A_dagger not in (Physics.A_dagger, LinearPhysics.A_dagger):
